@@ -1,0 +1,245 @@
+"""The typed config schema: dataclasses, YAML loading, dotted overrides, validation.
+
+A config is data: every key has a type and a default here, and anything else (an unknown key,
+a wrong type, a value outside its choices) is a `UserError` naming the key and the file before
+any work starts. Overrides on the command line are `key.sub=value` words whose values are parsed
+as YAML scalars (`train.steps=20`, `optim.lr=3e-4`, `data.packing=true`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class UserError(Exception):
+  """Bad input from the user. The CLIs print it as one line and exit with status 2."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  path: str = ""  # a local HF model directory (config.json, *.safetensors, tokenizer files)
+
+
+@dataclasses.dataclass
+class PeftConfig:
+  method: Literal["none"] = "none"
+
+
+@dataclasses.dataclass
+class DataConfig:
+  train: str = ""  # a local jsonl/json/csv/parquet file (or a saved datasets directory)
+  eval: str = ""  # optional held-out file of the same format
+  format: Literal["text", "prompt_completion"] = "text"
+  text_field: str = "text"
+  prompt_field: str = "prompt"
+  completion_field: str = "completion"
+  seq_len: int = 512
+  truncation: Literal["truncate", "drop", "error"] = "truncate"
+  add_eos: bool = True
+
+
+@dataclasses.dataclass
+class OptimConfig:
+  name: Literal["adamw"] = "adamw"
+  lr: float = 1e-4
+  schedule: Literal["cosine", "linear", "constant"] = "cosine"
+  warmup_steps: int = 0
+  min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
+  weight_decay: float = 0.0
+  # Leaves whose path matches one of these regexes get no weight decay.
+  no_decay: list[str] = dataclasses.field(
+      default_factory=lambda: [r"bias$", r"norm", r"embed_tokens"])
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_norm: float = 1.0  # 0 turns clipping off
+
+
+@dataclasses.dataclass
+class PrecisionConfig:
+  # auto = bf16 on GPU/TPU, fp32 on CPU (where XLA upcasts bf16 matmuls and gains no speed).
+  compute: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  steps: int = 100
+  batch_size: int = 8  # sequences per optimizer step (all micro-batches together)
+  grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+  seed: int = 0
+  output_dir: str = "runs/default"
+  log_every: int = 1
+  stop_after: int = 0  # end this invocation after this step, checkpointed (a scheduler's time slice)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+  every: int = 0  # 0: evaluate only at the start and at the end
+  batch_size: int = 8
+  max_examples: int = 0  # 0: the whole eval set
+  samples: int = 0  # greedy generations printed for this many eval prompts
+  max_new_tokens: int = 32
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+  every: int = 0  # 0: only at the end
+  keep: int = 2
+
+
+@dataclasses.dataclass
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+
+def _type_name(tp: Any) -> str:
+  if typing.get_origin(tp) is Literal:
+    return " | ".join(str(a) for a in typing.get_args(tp))
+  return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+  """Checks `value` against the annotation `tp`; returns it (ints widen to floats)."""
+  origin = typing.get_origin(tp)
+  if origin is Literal:
+    if value not in typing.get_args(tp):
+      raise UserError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+    return value
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    return _coerce(value, next(a for a in args if a is not type(None)), key)
+  if origin is list:
+    if not isinstance(value, list):
+      raise UserError(f"{key}: expected a list, got {value!r}")
+    (item,) = typing.get_args(tp)
+    return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if tp is float and isinstance(value, str):
+    try:  # YAML 1.1 reads "3e-4" as a string; accept it as the float it clearly is.
+      return float(value)
+    except ValueError:
+      pass
+  if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+    raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+  return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+  if not isinstance(data, dict):
+    raise UserError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  for key in data:
+    if key not in names:
+      where = f"{prefix}.{key}" if prefix else str(key)
+      raise UserError(f"unknown key '{where}' (known: {', '.join(sorted(names))})")
+  kwargs = {}
+  for f in dataclasses.fields(cls):
+    if f.name not in data:
+      continue
+    key = f"{prefix}.{f.name}" if prefix else f.name
+    tp = hints[f.name]
+    if dataclasses.is_dataclass(tp):
+      kwargs[f.name] = _build(tp, data[f.name] or {}, key)
+    else:
+      kwargs[f.name] = _coerce(data[f.name], tp, key)
+  return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split(".")
+  node = tree
+  for p in parents:
+    node = node.setdefault(p, {})
+    if not isinstance(node, dict):
+      raise UserError(f"override {dotted}: '{p}' is not a section")
+  node[leaf] = value
+
+
+def _validate(cfg: Config) -> None:
+  checks = [
+      (cfg.train.steps > 0, "train.steps must be > 0"),
+      (cfg.train.batch_size > 0, "train.batch_size must be > 0"),
+      (cfg.train.grad_accum > 0, "train.grad_accum must be > 0"),
+      (cfg.train.batch_size % cfg.train.grad_accum == 0,
+       f"train.batch_size ({cfg.train.batch_size}) must divide by train.grad_accum "
+       f"({cfg.train.grad_accum})"),
+      (cfg.train.log_every > 0, "train.log_every must be > 0"),
+      (cfg.train.stop_after >= 0, "train.stop_after must be >= 0"),
+      (cfg.data.seq_len >= 2, "data.seq_len must be >= 2"),
+      (cfg.optim.lr > 0, "optim.lr must be > 0"),
+      (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+      (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),
+      (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+      (cfg.optim.clip_norm >= 0, "optim.clip_norm must be >= 0"),
+      (cfg.eval.every >= 0, "eval.every must be >= 0"),
+      (cfg.eval.batch_size > 0, "eval.batch_size must be > 0"),
+      (cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
+      (cfg.checkpoint.keep > 0, "checkpoint.keep must be > 0"),
+      (bool(cfg.model.path), "model.path is required"),
+      (bool(cfg.data.train), "data.train is required"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise UserError(message)
+
+
+def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+  """Reads a YAML config, applies `key.sub=value` overrides and validates the result.
+
+  Args:
+    path: a YAML file, or None for the defaults.
+    overrides: dotted `key=value` words, applied after the file.
+
+  Returns:
+    The validated Config.
+
+  Raises:
+    UserError: naming the file and the offending key.
+  """
+  data: dict = {}
+  where = path or "<defaults>"
+  if path is not None:
+    if not os.path.isfile(path):
+      raise UserError(f"config file not found: {path}")
+    with open(path) as f:
+      try:
+        data = yaml.safe_load(f) or {}
+      except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+  for word in overrides or []:
+    key, sep, raw = word.partition("=")
+    if not sep or not key:
+      raise UserError(f"override '{word}' is not of the form key.sub=value")
+    _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
+  try:
+    cfg = _build(Config, data, "")
+    _validate(cfg)
+  except UserError as e:
+    raise UserError(f"{where}: {e}") from None
+  return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config, path: str) -> None:
+  with open(path, "w") as f:
+    yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,179 @@
+"""Data: records from local files, tokenised examples with loss masks, deterministic batches.
+
+An example is a token sequence plus a per-token `loss_mask` (1 where the token is a training
+target). `text` trains on every token; `prompt_completion` only on the completion (and the EOS
+that ends it). Batches are a pure function of (seed, step): the order of epoch e is a permutation
+seeded by (seed, e), so a resumed run sees exactly the batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from ftjax.config import DataConfig, UserError
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{number}: malformed JSON line ({e.msg})") from None
+      if not isinstance(record, dict):
+        raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+      records.append(record)
+  return records
+
+
+def read_records(path: str) -> list[dict]:
+  """Reads a jsonl/json/csv/parquet file or a `save_to_disk` directory into a list of dicts."""
+  if os.path.isdir(path):
+    import datasets  # pylint: disable=import-outside-toplevel
+
+    try:
+      ds = datasets.load_from_disk(path)
+    except FileNotFoundError:
+      raise UserError(f"{path}: not a saved datasets directory") from None
+    if isinstance(ds, datasets.DatasetDict):
+      ds = ds["train"]
+    return list(ds)
+  if not os.path.isfile(path):
+    raise UserError(f"data file not found: {path}")
+  ext = os.path.splitext(path)[1].lower()
+  if ext == ".jsonl":
+    return _read_jsonl(path)
+  loaders = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
+  if ext not in loaders:
+    raise UserError(f"{path}: unsupported data file type '{ext}' (use .jsonl, .json, .csv, "
+                    ".parquet or a saved datasets directory)")
+  import datasets  # pylint: disable=import-outside-toplevel
+
+  try:
+    return list(datasets.load_dataset(loaders[ext], data_files=path, split="train"))
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
+
+
+def _field(record: dict, name: str, path: str, number: int) -> str:
+  value = record.get(name)
+  if value is None:
+    raise UserError(f"{path}: record {number} has no '{name}' field")
+  if not isinstance(value, str):
+    raise UserError(f"{path}: record {number} field '{name}' is {type(value).__name__}, "
+                    "expected a string")
+  if not value:
+    raise UserError(f"{path}: record {number} field '{name}' is empty")
+  return value
+
+
+@dataclasses.dataclass
+class Example:
+  tokens: np.ndarray  # (n,) int32
+  loss_mask: np.ndarray  # (n,) int32, 1 where the token is a training target
+  prompt_len: int = 0  # tokens before the first target (the generation prompt)
+
+
+def tokenize(records: list[dict], cfg: DataConfig, tokenizer: Any, path: str) -> list[Example]:
+  """Turns records into examples with loss masks, applying the truncation policy."""
+  eos = [tokenizer.eos_token_id] if cfg.add_eos else []
+  if cfg.format == "text":
+    texts = [_field(r, cfg.text_field, path, i + 1) for i, r in enumerate(records)]
+    firsts, seconds = texts, None
+  else:
+    firsts = [_field(r, cfg.prompt_field, path, i + 1) for i, r in enumerate(records)]
+    seconds = [_field(r, cfg.completion_field, path, i + 1) for i, r in enumerate(records)]
+  first_ids = tokenizer(firsts, add_special_tokens=True)["input_ids"]
+  second_ids = tokenizer(seconds, add_special_tokens=False)["input_ids"] if seconds else None
+  examples, truncated, dropped = [], 0, 0
+  for i, ids in enumerate(first_ids):
+    if second_ids is None:
+      tokens, mask = ids + eos, [1] * (len(ids) + len(eos))
+    else:
+      tail = second_ids[i] + eos
+      tokens, mask = ids + tail, [0] * len(ids) + [1] * len(tail)
+    if len(tokens) > cfg.seq_len:
+      if cfg.truncation == "error":
+        raise UserError(f"{path}: record {i + 1} has {len(tokens)} tokens, more than data.seq_len "
+                        f"({cfg.seq_len}) and data.truncation is 'error'")
+      if cfg.truncation == "drop":
+        dropped += 1
+        continue
+      truncated += 1
+      tokens, mask = tokens[:cfg.seq_len], mask[:cfg.seq_len]
+    if sum(mask[1:]) == 0:  # nothing left to learn from (the first token is never a target)
+      dropped += 1
+      continue
+    examples.append(Example(np.asarray(tokens, np.int32), np.asarray(mask, np.int32),
+                            prompt_len=len(ids) if second_ids is not None else 0))
+  if truncated or dropped:
+    print(f"{path}: {truncated} example(s) truncated, {dropped} dropped (data.seq_len="
+          f"{cfg.seq_len}, data.truncation={cfg.truncation})")
+  if not examples:
+    raise UserError(f"{path}: no usable examples")
+  return examples
+
+
+def load(path: str, cfg: DataConfig, tokenizer: Any) -> list[Example]:
+  return tokenize(read_records(path), cfg, tokenizer, path)
+
+
+def collate(examples: list[Example], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Right-pads examples into a batch: tokens, positions, segment_ids (0 = pad), loss_mask."""
+  b = len(examples)
+  batch = {
+      "tokens": np.full((b, seq_len), pad_id, np.int32),
+      "positions": np.zeros((b, seq_len), np.int32),
+      "segment_ids": np.zeros((b, seq_len), np.int32),
+      "loss_mask": np.zeros((b, seq_len), np.int32),
+  }
+  for i, ex in enumerate(examples):
+    n = len(ex.tokens)
+    batch["tokens"][i, :n] = ex.tokens
+    batch["positions"][i, :n] = np.arange(n)
+    batch["segment_ids"][i, :n] = 1
+    batch["loss_mask"][i, :n] = ex.loss_mask
+  return batch
+
+
+class Batches:
+  """Global batches as a pure function of the step, epoch after epoch, each freshly shuffled."""
+
+  def __init__(self, examples: list[Example], batch_size: int, seq_len: int, pad_id: int,
+               seed: int, what: str = "data.train"):
+    if len(examples) < batch_size:
+      raise UserError(f"{what} has {len(examples)} examples, fewer than one batch "
+                      f"(train.batch_size={batch_size})")
+    self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
+    self.pad_id, self.seed = pad_id, seed
+    self.steps_per_epoch = len(examples) // batch_size
+
+  def position(self, step: int) -> dict[str, int]:
+    """Where batch `step` (0-based) starts: its epoch and index within the epoch's order."""
+    return {"epoch": step // self.steps_per_epoch,
+            "index": (step % self.steps_per_epoch) * self.batch_size}
+
+  def get(self, step: int) -> dict[str, np.ndarray]:
+    pos = self.position(step)
+    order = np.random.default_rng([self.seed, pos["epoch"]]).permutation(len(self.examples))
+    chosen = order[pos["index"]:pos["index"] + self.batch_size]
+    return collate([self.examples[i] for i in chosen], self.seq_len, self.pad_id)
+
+
+def eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id: int):
+  """The eval set in order, in fixed-size batches (the last one padded with empty rows)."""
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    batch = collate(chunk, seq_len, pad_id)
+    if len(chunk) < batch_size:  # keep one shape, so the eval step compiles once
+      batch = {k: np.concatenate([v, np.zeros((batch_size - len(chunk), seq_len), v.dtype)])
+               for k, v in batch.items()}
+    yield batch

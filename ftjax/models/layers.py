@@ -1,0 +1,143 @@
+"""Building blocks shared by the model families: dense, embedding, RMSNorm, RoPE, attention.
+
+Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`, `mlp`,
+`vocab`, `norm`) so one rules table can later map them to a device mesh. Parameters live in
+`param_dtype` (fp32 master weights); math runs in `dtype` (the compute dtype); softmax and norms
+run in fp32.
+
+Dense layers flatten activations to 2-D (B*L, D) around the matmul: XLA:CPU computes the weight
+gradient about twice as fast when only one batch-like dimension must be contracted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+NEG_INF = -1e30  # finite, so that a fully masked row can never produce NaN
+
+
+class Dense(nn.Module):
+  """y = x @ kernel (+ bias), kernel stored (in, out) with logical axes."""
+
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+        (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y.reshape(*x.shape[:-1], self.features)
+
+
+class Embed(nn.Module):
+  """Token embedding table (vocab, embed); `attend` gives logits for tied output heads."""
+
+  num_embeddings: int
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def attend(self, h: jax.Array) -> jax.Array:
+    y = jnp.dot(h.reshape(-1, h.shape[-1]).astype(self.dtype), self.embedding.astype(self.dtype).T)
+    return y.reshape(*h.shape[:-1], self.num_embeddings)
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, computed in fp32 (as HF's LlamaRMSNorm does)."""
+
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (scale.astype(jnp.float32) * x32).astype(self.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> jax.Array:
+  """Inverse frequencies (head_dim/2,) for rotary embeddings, with HF's `rope_scaling` types.
+
+  Supports the default rotation, `linear` scaling and Llama 3.1's `llama3` frequency bands.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+  if kind == "default":
+    return inv_freq
+  if kind == "linear":
+    return inv_freq / scaling["factor"]
+  if kind == "llama3":
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, out)
+  raise ValueError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3)")
+
+
+def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates query/key vectors by their positions (HF's rotate-half convention), in fp32."""
+  angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # B, L, D/2
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x = x_BxLxHxD.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BxLxHxD.dtype)
+
+
+def attention_mask(q_index_L: jax.Array, k_index_S: jax.Array, q_seg_BxL: jax.Array,
+                   k_seg_BxS: jax.Array, sliding_window: Optional[int] = None) -> jax.Array:
+  """Boolean (B, 1, L, S) mask: causal by buffer index, never across segments.
+
+  Segment ids separate packed examples and padding (id 0): a query sees only keys of its own
+  segment at or before its own index, so padding and packing are exact.
+  """
+  causal = k_index_S[None, :] <= q_index_L[:, None]
+  if sliding_window:
+    causal &= k_index_S[None, :] > q_index_L[:, None] - sliding_window
+  same = q_seg_BxL[:, :, None] == k_seg_BxS[:, None, :]
+  return (causal[None] & same)[:, None]
+
+
+def dot_product_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+                          mask_Bx1xLxS: jax.Array) -> jax.Array:
+  """Grouped-query attention: H query heads share K key/value heads (H % K == 0)."""
+  b, l, h, d = q_BxLxHxD.shape
+  kv = k_BxSxKxD.shape[2]
+  q = q_BxLxHxD.reshape(b, l, kv, h // kv, d)
+  scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxD).astype(jnp.float32) / math.sqrt(d)
+  scores = jnp.where(mask_Bx1xLxS[:, :, None], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxD)
+  return out.reshape(b, l, h, d)

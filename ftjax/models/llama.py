@@ -1,0 +1,203 @@
+"""The Llama-family decoder: Llama 2/3, Mistral, Qwen2 and SmolLM2 in one functional Flax module.
+
+RMSNorm, rotary positions (with `llama3` / `linear` scaling), grouped-query attention with
+optional q/k/v bias (Qwen2), SwiGLU, optional tied embeddings (SmolLM2). Parameter paths follow
+HF's module names (`layers_3/self_attn/q_proj/kernel`) so mapping tables stay obvious.
+
+The model takes per-token positions and segment ids (0 = padding) so that padded and packed
+batches are exact, and an optional KV cache for generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ftjax.models import layers
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """The hyperparameters ftjax needs, read from an HF `config.json`."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[tuple] = None  # sorted (key, value) pairs of HF's rope_scaling dict
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  sliding_windows: Optional[tuple] = None  # per layer: a window size or None
+  family: str = "llama"
+
+  @classmethod
+  def from_hf(cls, hf: dict) -> "LlamaConfig":
+    """Builds the config from a parsed HF `config.json` (transformers 4.x or 5.x layout)."""
+    family = hf.get("model_type", "llama")
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
+                                         else None)
+    heads = hf["num_attention_heads"]
+    attention_bias = hf.get("attention_bias", False)
+    return cls(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        qkv_bias=family == "qwen2" or attention_bias,
+        o_bias=family != "qwen2" and attention_bias,
+        mlp_bias=hf.get("mlp_bias", False),
+        sliding_windows=_sliding_windows(hf, family),
+        family=family,
+    )
+
+
+def _sliding_windows(hf: dict, family: str) -> Optional[tuple]:
+  """Per-layer attention windows as HF applies them (Mistral everywhere; Qwen2 by layer type)."""
+  n, window = hf["num_hidden_layers"], hf.get("sliding_window")
+  if not window:
+    return None
+  if family == "mistral":
+    return (window,) * n
+  if family == "qwen2" and hf.get("use_sliding_window"):
+    kinds = hf.get("layer_types") or [
+        "sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention"
+        for i in range(n)]
+    return tuple(window if k == "sliding_attention" else None for k in kinds)
+  return None
+
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BxLxD, positions_BxL, mask, kv_cache=None, cache_index=None):
+    cfg = self.cfg
+    dense = lambda n, axes, bias, name: layers.Dense(n, axes, bias, self.dtype, name=name)
+    b, l, _ = h_BxLxD.shape
+    q = dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, "q_proj")(h_BxLxD)
+    k = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg.qkv_bias, "k_proj")(h_BxLxD)
+    v = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg.qkv_bias, "v_proj")(h_BxLxD)
+    q = q.reshape(b, l, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+    inv_freq = layers.rope_frequencies(cfg.head_dim, cfg.rope_theta,
+                                       dict(cfg.rope_scaling) if cfg.rope_scaling else None)
+    q = layers.apply_rope(q, positions_BxL, inv_freq)
+    k = layers.apply_rope(k, positions_BxL, inv_freq)
+    if kv_cache is not None:
+      k_cache, v_cache = kv_cache
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
+      kv_cache = (k, v)
+    out = layers.dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask)
+    out = dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(
+        out.reshape(b, l, cfg.num_heads * cfg.head_dim))
+    return out, kv_cache
+
+
+class MLP(nn.Module):
+  cfg: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BxLxD):
+    cfg = self.cfg
+    gate = layers.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, self.dtype,
+                        name="gate_proj")(h_BxLxD)
+    up = layers.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, self.dtype,
+                      name="up_proj")(h_BxLxD)
+    return layers.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, self.dtype,
+                        name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  cfg: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BxLxD, positions_BxL, mask, kv_cache=None, cache_index=None):
+    norm = lambda name: layers.RMSNorm(self.cfg.rms_norm_eps, self.dtype, name=name)
+    attn, kv_cache = Attention(self.cfg, self.dtype, name="self_attn")(
+        norm("input_layernorm")(h_BxLxD), positions_BxL, mask, kv_cache, cache_index)
+    h_BxLxD = h_BxLxD + attn
+    h_BxLxD = h_BxLxD + MLP(self.cfg, self.dtype, name="mlp")(
+        norm("post_attention_layernorm")(h_BxLxD))
+    return h_BxLxD, kv_cache
+
+
+class Llama(nn.Module):
+  """Decoder-only LM. `__call__` returns (logits_BxLxV in fp32, updated cache or None)."""
+
+  cfg: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: Optional[dict] = None):
+    cfg = self.cfg
+    l = tokens_BxL.shape[1]
+    if cache is None:
+      q_index = k_index = jnp.arange(l)
+      k_seg, index = segment_ids_BxL, None
+    else:  # keys are the whole cache buffer; this call's tokens are written at `index`
+      index = cache["index"]
+      q_index = index + jnp.arange(l)
+      k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, index))
+      k_index = jnp.arange(k_seg.shape[1])
+    masks = {w: layers.attention_mask(q_index, k_index, segment_ids_BxL, k_seg, w)
+             for w in set(cfg.sliding_windows or (None,))}
+
+    embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
+    h = embed(tokens_BxL)
+    new_layers = []
+    for i in range(cfg.num_layers):
+      window = cfg.sliding_windows[i] if cfg.sliding_windows else None
+      kv = cache["layers"][i] if cache is not None else None
+      h, kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
+          h, positions_BxL, masks[window], kv, index)
+      new_layers.append(kv)
+    h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h)
+    if cfg.tie_word_embeddings:
+      logits = embed.attend(h)
+    else:
+      logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), False, self.dtype,
+                            name="lm_head")(h)
+    if cache is not None:
+      cache = {"index": index + l, "segment_ids": k_seg, "layers": new_layers}
+    return logits.astype(jnp.float32), cache
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+  """An empty KV cache for `max_len` positions (segment id 0 marks unwritten slots)."""
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {
+      "index": jnp.zeros((), jnp.int32),
+      "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+      "layers": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)],
+  }

@@ -1,0 +1,262 @@
+"""`python -m ftjax.train --config FILE [key.sub=value ...]`: the one host training loop.
+
+`main()` parses the command line and calls `run(cfg)`; tests call `run(cfg)` directly. A run
+directory holds the resolved config.yaml, metrics.jsonl, TensorBoard events, Orbax checkpoints
+and loss.png; running the same command again resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax import checkpoint, config, data, generate, hf, optim, step, tree
+from ftjax.config import Config, UserError
+
+
+def compute_dtype(name: str):
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return {"fp32": jnp.float32, "bf16": jnp.bfloat16}[name]
+
+
+def _apply_fn(module):
+  def apply(params, batch):
+    logits, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
+                             batch["segment_ids"])
+    return logits
+  return apply
+
+
+def evaluate(eval_fn, params, frozen, examples, cfg: Config, pad_id: int) -> dict:
+  """Loss, perplexity and next-token accuracy over the eval examples."""
+  totals = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
+  for batch in data.eval_batches(examples, cfg.eval.batch_size, cfg.data.seq_len, pad_id):
+    out = eval_fn(params, frozen, batch)
+    for k in totals:
+      totals[k] += float(out[k])
+  n = max(totals["tokens"], 1.0)
+  loss = totals["loss_sum"] / n
+  return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))),
+          "eval_accuracy": totals["correct"] / n}
+
+
+def exact_match(module, params: dict, examples, tokenizer, cfg: Config, show: int = 2) -> float:
+  """Greedy completions of eval prompts compared with their reference completions."""
+  chosen = [ex for ex in examples if ex.prompt_len][:cfg.eval.samples]
+  if not chosen:
+    return float("nan")
+  outputs = generate.greedy(module, params, [ex.tokens[:ex.prompt_len].tolist() for ex in chosen],
+                            cfg.eval.max_new_tokens, tokenizer.eos_token_id)
+  hits = 0
+  for i, (ex, out) in enumerate(zip(chosen, outputs)):
+    got = tokenizer.decode(out, skip_special_tokens=True).strip()
+    want = tokenizer.decode(ex.tokens[ex.prompt_len:], skip_special_tokens=True).strip()
+    hits += got == want
+    if i < show:
+      prompt = tokenizer.decode(ex.tokens[:ex.prompt_len], skip_special_tokens=True)
+      print(f"  prompt: {prompt!r}\n  model:  {got!r}\n  want:   {want!r}")
+  return hits / len(chosen)
+
+
+class MetricsLog:
+  """metrics.jsonl plus TensorBoard events; a resumed run drops records past its checkpoint."""
+
+  def __init__(self, output_dir: str, resume_step: int):
+    self.path = os.path.join(output_dir, "metrics.jsonl")
+    kept = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+    with open(self.path, "w") as f:
+      f.writelines(kept)
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
+    self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+  def write(self, record: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if k != "step":
+        self.tb.add_scalar(k, v, record["step"])
+
+  def close(self) -> None:
+    self.tb.close()
+
+
+def plot(output_dir: str) -> Optional[str]:
+  """Draws train/eval loss and the learning rate from metrics.jsonl into loss.png."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  if not train:
+    return None
+  fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+  ax.plot(*zip(*train), label="train loss", lw=1)
+  if evals:
+    ax.plot(*zip(*evals), "o-", label="eval loss")
+  ax.set_ylabel("loss")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  ax_lr.plot([r["step"] for r in records if "lr" in r], [r["lr"] for r in records if "lr" in r])
+  ax_lr.set_ylabel("lr")
+  ax_lr.set_xlabel("step")
+  ax_lr.grid(alpha=0.3)
+  path = os.path.join(output_dir, "loss.png")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def run(cfg: Config) -> dict:
+  """Fine-tunes `cfg.model.path` on `cfg.data`; returns a summary (losses, eval, run dir)."""
+  out_dir = cfg.train.output_dir
+  os.makedirs(out_dir, exist_ok=True)
+  config.dump(cfg, os.path.join(out_dir, "config.yaml"))
+  dtype = compute_dtype(cfg.precision.compute)
+
+  # Cheap checks first: a bad model directory or data file fails before any weights load.
+  hf.read_config(cfg.model.path)
+  tokenizer = hf.load_tokenizer(cfg.model.path)
+  pad_id = tokenizer.pad_token_id
+  train_examples = data.load(cfg.data.train, cfg.data, tokenizer)
+  eval_examples = data.load(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else []
+  if cfg.eval.max_examples:
+    eval_examples = eval_examples[:cfg.eval.max_examples]
+  batches = data.Batches(train_examples, cfg.train.batch_size, cfg.data.seq_len, pad_id,
+                         cfg.train.seed)
+  model = hf.load(cfg.model.path, dtype=dtype)
+
+  trainable = set(tree.flatten(model.params))  # full fine-tuning; PEFT narrows this set
+  params, frozen = tree.split(model.params, trainable)
+  n_train, n_total = tree.count(params), tree.count(model.params)
+  print(f"model {cfg.model.path}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trainable "
+        f"({100 * n_train / n_total:.1f}%), compute {jnp.dtype(dtype).name}; "
+        f"{len(train_examples)} train / {len(eval_examples)} eval examples")
+  tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, params)
+  state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  ckpt = checkpoint.Checkpointer(out_dir, cfg.checkpoint.every, cfg.checkpoint.keep)
+  start = ckpt.latest_step() or 0
+  if start:
+    state, meta = ckpt.restore(start, state)
+    print(f"resumed from step {start} (data epoch {meta['data']['epoch']}, "
+          f"index {meta['data']['index']})")
+  log = MetricsLog(out_dir, start)
+
+  apply_fn = _apply_fn(model.module)
+  train_fn = jax.jit(functools.partial(step.train_step, apply_fn=apply_fn, tx=tx),
+                     donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=apply_fn))
+  summary: dict[str, Any] = {"output_dir": out_dir, "start_step": start, "losses": {}}
+
+  def run_eval(label: str, at: int, params: dict) -> Optional[dict]:
+    if not eval_examples:
+      return None
+    result = evaluate(eval_fn, params, frozen, eval_examples, cfg, pad_id)
+    line = f"[{label} step {at}] eval loss {result['eval_loss']:.4f}, " \
+           f"ppl {result['eval_ppl']:.2f}, token accuracy {result['eval_accuracy']:.3f}"
+    if cfg.eval.samples:
+      result["exact_match"] = exact_match(model.module, tree.merge(params, frozen),
+                                          eval_examples, tokenizer, cfg)
+      line += f", exact match {result['exact_match']:.2f} ({cfg.eval.samples} prompts)"
+    print(line)
+    summary.setdefault("evals", {})[at] = result
+    return result
+
+  if start < cfg.train.steps:
+    summary["before"] = run_eval("before", start, state.params)
+  state = _loop(cfg, state, frozen, train_fn, batches, lr_schedule, ckpt, log, run_eval, summary)
+  final = int(state.step)
+  ckpt.save(final, state, {"data": batches.position(final), "step": final}, force=True)
+  ckpt.close()
+  if final >= cfg.train.steps:
+    summary["after"] = run_eval("after", final, state.params)
+  log.close()
+  summary["plot"] = plot(out_dir)
+  summary["final_step"] = final
+  return summary
+
+
+def _loop(cfg, state, frozen, train_fn, batches, lr_schedule, ckpt, log, run_eval, summary):
+  """Steps from the state's step to train.steps (or train.stop_after); returns the last state."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  start, end = int(state.step), cfg.train.steps
+  if cfg.train.stop_after:
+    end = min(end, cfg.train.stop_after)
+  accum = cfg.train.grad_accum
+  bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+             disable=start >= end, mininterval=1.0)
+  window_tokens, window_start = 0.0, time.perf_counter()
+  for s in range(start, end):
+    batch = batches.get(s)
+    window_tokens += float(np.sum(batch["segment_ids"] > 0))
+    batch = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.items()}
+    state, metrics = train_fn(state, frozen, batch)
+    done = s + 1
+    record = None
+    if done % cfg.train.log_every == 0 or done == end:
+      metrics = jax.device_get(metrics)
+      record = {"step": done, "loss": float(metrics["loss"]), "lr": float(lr_schedule(s)),
+                "grad_norm": float(metrics["grad_norm"]),
+                "update_norm": float(metrics["update_norm"]),
+                "tokens_per_s": window_tokens / max(time.perf_counter() - window_start, 1e-9)}
+      summary["losses"][done] = record["loss"]
+      bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                      tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+    bar.update(1)
+    if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
+      result = run_eval("eval", done, state.params)
+      if result:
+        record = record or {"step": done}
+        record.update({k: v for k, v in result.items() if k.startswith("eval_")})
+    if record:
+      log.write(record)
+      window_tokens, window_start = 0.0, time.perf_counter()
+    ckpt.save(done, state, {"data": batches.position(done), "step": done})
+  bar.close()
+  return state
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m ftjax.train",
+                                   description="Fine-tune a pretrained language model.")
+  parser.add_argument("--config", required=True, help="a YAML config (see configs/)")
+  parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+  args = parser.parse_args(argv)
+  try:
+    cfg = config.load(args.config, args.overrides)
+    summary = run(cfg)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  before, after = summary.get("before"), summary.get("after")
+  if before and after:
+    line = f"held-out eval loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
+    if "exact_match" in after:
+      line += f", exact match {before['exact_match']:.2f} -> {after['exact_match']:.2f}"
+    print(line)
+  print(f"done: step {summary['final_step']}, run directory {summary['output_dir']}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

