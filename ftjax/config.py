@@ -9,6 +9,7 @@ as YAML scalars (`train.steps=20`, `optim.lr=3e-4`, `data.packing=true`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -132,9 +133,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return float(value)
   if tp is float and isinstance(value, str):
     try:  # YAML 1.1 reads "3e-4" as a string; accept it as the float it clearly is.
-      return float(value)
+      value = float(value)
     except ValueError:
       pass
+  if tp is float and isinstance(value, float) and not math.isfinite(value):
+    raise UserError(f"{key}: expected a finite float, got {value!r}")
   if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
     raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
   return value
@@ -156,7 +159,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     key = f"{prefix}.{f.name}" if prefix else f.name
     tp = hints[f.name]
     if dataclasses.is_dataclass(tp):
-      kwargs[f.name] = _build(tp, data[f.name] or {}, key)
+      kwargs[f.name] = _build(tp, {} if data[f.name] is None else data[f.name], key)
     else:
       kwargs[f.name] = _coerce(data[f.name], tp, key)
   return cls(**kwargs)
@@ -184,6 +187,12 @@ def _validate(cfg: Config) -> None:
       (cfg.train.stop_after >= 0, "train.stop_after must be >= 0"),
       (cfg.data.seq_len >= 2, "data.seq_len must be >= 2"),
       (cfg.optim.lr > 0, "optim.lr must be > 0"),
+      (0 <= cfg.optim.b1 < 1 and 0 <= cfg.optim.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)"),
+      (cfg.optim.eps > 0, "optim.eps must be > 0"),
+      (cfg.train.seed >= 0, "train.seed must be >= 0"),
+      (cfg.eval.samples >= 0, "eval.samples must be >= 0"),
+      (cfg.eval.max_examples >= 0, "eval.max_examples must be >= 0"),
+      (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),
       (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
       (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),
       (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
@@ -227,7 +236,11 @@ def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> C
     key, sep, raw = word.partition("=")
     if not sep or not key:
       raise UserError(f"override '{word}' is not of the form key.sub=value")
-    _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
+    try:
+      value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+      raise UserError(f"override {key}: cannot parse value {raw!r}") from None
+    _set_dotted(data, key.strip(), value)
   try:
     cfg = _build(Config, data, "")
     _validate(cfg)

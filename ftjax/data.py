@@ -82,24 +82,36 @@ class Example:
   prompt_len: int = 0  # tokens before the first target (the generation prompt)
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+  n = 0
+  while n < min(len(a), len(b)) and a[n] == b[n]:
+    n += 1
+  return n
+
+
 def tokenize(records: list[dict], cfg: DataConfig, tokenizer: Any, path: str) -> list[Example]:
-  """Turns records into examples with loss masks, applying the truncation policy."""
-  eos = [tokenizer.eos_token_id] if cfg.add_eos else []
+  """Turns records into examples with loss masks, applying the truncation policy.
+
+  A prompt and its completion are tokenised together, as inference will see them; the completion
+  starts where that sequence leaves the prompt's own tokenisation (a token merged across the
+  boundary counts as completion).
+  """
+  eos = tokenizer.eos_token_id
   if cfg.format == "text":
     texts = [_field(r, cfg.text_field, path, i + 1) for i, r in enumerate(records)]
-    firsts, seconds = texts, None
+    full_ids, prompt_ids = tokenizer(texts, add_special_tokens=True)["input_ids"], None
   else:
-    firsts = [_field(r, cfg.prompt_field, path, i + 1) for i, r in enumerate(records)]
-    seconds = [_field(r, cfg.completion_field, path, i + 1) for i, r in enumerate(records)]
-  first_ids = tokenizer(firsts, add_special_tokens=True)["input_ids"]
-  second_ids = tokenizer(seconds, add_special_tokens=False)["input_ids"] if seconds else None
+    prompts = [_field(r, cfg.prompt_field, path, i + 1) for i, r in enumerate(records)]
+    completions = [_field(r, cfg.completion_field, path, i + 1) for i, r in enumerate(records)]
+    full_ids = tokenizer([p + c for p, c in zip(prompts, completions)],
+                         add_special_tokens=True)["input_ids"]
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
   examples, truncated, dropped = [], 0, 0
-  for i, ids in enumerate(first_ids):
-    if second_ids is None:
-      tokens, mask = ids + eos, [1] * (len(ids) + len(eos))
-    else:
-      tail = second_ids[i] + eos
-      tokens, mask = ids + tail, [0] * len(ids) + [1] * len(tail)
+  for i, tokens in enumerate(full_ids):
+    if cfg.add_eos and (not tokens or tokens[-1] != eos):
+      tokens = tokens + [eos]
+    start = _common_prefix(tokens, prompt_ids[i]) if prompt_ids is not None else 0
+    mask = [0] * start + [1] * (len(tokens) - start)
     if len(tokens) > cfg.seq_len:
       if cfg.truncation == "error":
         raise UserError(f"{path}: record {i + 1} has {len(tokens)} tokens, more than data.seq_len "
@@ -113,13 +125,21 @@ def tokenize(records: list[dict], cfg: DataConfig, tokenizer: Any, path: str) ->
       dropped += 1
       continue
     examples.append(Example(np.asarray(tokens, np.int32), np.asarray(mask, np.int32),
-                            prompt_len=len(ids) if second_ids is not None else 0))
+                            prompt_len=start))
   if truncated or dropped:
     print(f"{path}: {truncated} example(s) truncated, {dropped} dropped (data.seq_len="
           f"{cfg.seq_len}, data.truncation={cfg.truncation})")
   if not examples:
     raise UserError(f"{path}: no usable examples")
   return examples
+
+
+def check_vocab(examples: list[Example], vocab_size: int, path: str) -> None:
+  """Token ids past the model's embedding table would read garbage: refuse them."""
+  for i, ex in enumerate(examples):
+    if ex.tokens.size and int(ex.tokens.max()) >= vocab_size:
+      raise UserError(f"{path}: example {i + 1} has token id {int(ex.tokens.max())}, outside the "
+                      f"model's vocabulary of {vocab_size} (tokenizer and model do not match)")
 
 
 def load(path: str, cfg: DataConfig, tokenizer: Any) -> list[Example]:

@@ -150,7 +150,10 @@ def build(model_dir: str, dtype=jnp.float32) -> tuple[Any, Any, dict, Family]:
   """Returns (module, model config, HF config, family) for the model directory."""
   hf, arch = read_config(model_dir)
   family = FAMILIES[arch]
-  cfg = family.config_from_hf(hf)
+  try:
+    cfg = family.config_from_hf(hf)
+  except UserError as e:
+    raise UserError(f"{model_dir}: {e}") from None
   return family.module(cfg, dtype), cfg, hf, family
 
 
@@ -186,6 +189,8 @@ def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32) -> LoadedMo
       if path == "lm_head/kernel":
         continue  # a tied checkpoint may still carry lm_head.weight
       raise UserError(f"{model_dir}: tensor '{name}' has no place in this model's config")
+    if path in loaded:
+      raise UserError(f"{model_dir}: tensor '{name}' appears in more than one weight file")
     array = array.T if transpose else array
     if tuple(array.shape) != tuple(expected[path].shape):
       raise UserError(f"{model_dir}: tensor '{name}' has shape {tuple(array.shape)}, "

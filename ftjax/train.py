@@ -68,6 +68,14 @@ def exact_match(module, params: dict, examples, tokenizer, cfg: Config, show: in
   return hits / len(chosen)
 
 
+def _step_of(line: str) -> Optional[int]:
+  """The step of a metrics.jsonl line, or None for a line cut short by a kill."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 class MetricsLog:
   """metrics.jsonl plus TensorBoard events; a resumed run drops records past its checkpoint."""
 
@@ -76,7 +84,7 @@ class MetricsLog:
     kept = []
     if os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= resume_step]
     with open(self.path, "w") as f:
       f.writelines(kept)
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -129,17 +137,18 @@ def run(cfg: Config) -> dict:
   """Fine-tunes `cfg.model.path` on `cfg.data`; returns a summary (losses, eval, run dir)."""
   out_dir = cfg.train.output_dir
   os.makedirs(out_dir, exist_ok=True)
-  config.dump(cfg, os.path.join(out_dir, "config.yaml"))
   dtype = compute_dtype(cfg.precision.compute)
 
   # Cheap checks first: a bad model directory or data file fails before any weights load.
-  hf.read_config(cfg.model.path)
+  _, model_cfg, _, _ = hf.build(cfg.model.path, dtype)
   tokenizer = hf.load_tokenizer(cfg.model.path)
   pad_id = tokenizer.pad_token_id
   train_examples = data.load(cfg.data.train, cfg.data, tokenizer)
   eval_examples = data.load(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else []
   if cfg.eval.max_examples:
     eval_examples = eval_examples[:cfg.eval.max_examples]
+  for path, examples in ((cfg.data.train, train_examples), (cfg.data.eval, eval_examples)):
+    data.check_vocab(examples, model_cfg.vocab_size, path)
   batches = data.Batches(train_examples, cfg.train.batch_size, cfg.data.seq_len, pad_id,
                          cfg.train.seed)
   model = hf.load(cfg.model.path, dtype=dtype)
@@ -155,10 +164,18 @@ def run(cfg: Config) -> dict:
 
   ckpt = checkpoint.Checkpointer(out_dir, cfg.checkpoint.every, cfg.checkpoint.keep)
   start = ckpt.latest_step() or 0
+  data_meta = {"examples": len(train_examples), "batch_size": cfg.train.batch_size,
+               "seed": cfg.train.seed}
   if start:
     state, meta = ckpt.restore(start, state)
+    saved = {k: meta["data"].get(k) for k in data_meta}
+    if saved != data_meta:
+      ckpt.close()
+      raise UserError(f"{out_dir}: cannot resume step {start} exactly: its data order came from "
+                      f"{saved}, this config gives {data_meta} (use a new train.output_dir)")
     print(f"resumed from step {start} (data epoch {meta['data']['epoch']}, "
           f"index {meta['data']['index']})")
+  config.dump(cfg, os.path.join(out_dir, "config.yaml"))
   log = MetricsLog(out_dir, start)
 
   apply_fn = _apply_fn(model.module)
@@ -181,12 +198,16 @@ def run(cfg: Config) -> dict:
     summary.setdefault("evals", {})[at] = result
     return result
 
-  if start < cfg.train.steps:
-    summary["before"] = run_eval("before", start, state.params)
-  state = _loop(cfg, state, frozen, train_fn, batches, lr_schedule, ckpt, log, run_eval, summary)
-  final = int(state.step)
-  ckpt.save(final, state, {"data": batches.position(final), "step": final}, force=True)
-  ckpt.close()
+  meta = lambda s: {"data": {**batches.position(s), **data_meta}, "step": s}
+  try:
+    if start < cfg.train.steps:
+      summary["before"] = run_eval("before", start, state.params)
+    state = _loop(cfg, state, frozen, train_fn, batches, lr_schedule, ckpt, meta, log, run_eval,
+                  summary)
+    final = int(state.step)
+    ckpt.save(final, state, meta(final), force=True)
+  finally:
+    ckpt.close()  # commits any checkpoint still being written, even on an error or Ctrl-C
   if final >= cfg.train.steps:
     summary["after"] = run_eval("after", final, state.params)
   log.close()
@@ -195,7 +216,7 @@ def run(cfg: Config) -> dict:
   return summary
 
 
-def _loop(cfg, state, frozen, train_fn, batches, lr_schedule, ckpt, log, run_eval, summary):
+def _loop(cfg, state, frozen, train_fn, batches, lr_schedule, ckpt, meta, log, run_eval, summary):
   """Steps from the state's step to train.steps (or train.stop_after); returns the last state."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
@@ -231,7 +252,7 @@ def _loop(cfg, state, frozen, train_fn, batches, lr_schedule, ckpt, log, run_eva
     if record:
       log.write(record)
       window_tokens, window_start = 0.0, time.perf_counter()
-    ckpt.save(done, state, {"data": batches.position(done), "step": done})
+    ckpt.save(done, state, meta(done))
   bar.close()
   return state
 

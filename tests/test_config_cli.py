@@ -35,6 +35,12 @@ def test_overrides_are_typed():
     (["data.format=xml"], "data.format: 'xml' is not one of"),
     (["train.batch_size=6", "train.grad_accum=4"], "must divide by train.grad_accum"),
     (["train.steps"], "not of the form key.sub=value"),
+    (["optim.lr=inf"], "optim.lr: expected a finite float"),
+    (["optim.b1=1.5"], "optim.b1 and optim.b2 must be in [0, 1)"),
+    (["train.seed=-1"], "train.seed must be >= 0"),
+    (["eval.max_new_tokens=0"], "eval.max_new_tokens must be >= 1"),
+    (["optim.no_decay=[a"], "override optim.no_decay: cannot parse value"),
+    (["train=0"], "train: expected a mapping"),
 ])
 def test_bad_config_names_the_key(words, needle):
   with pytest.raises(config.UserError, match=None) as e:
@@ -76,9 +82,13 @@ def malformed_jsonl(tmp_path):
 
 @pytest.mark.parametrize("case", ["unknown_key", "wrong_type", "missing_model", "no_config_json",
                                   "unsupported_arch", "missing_data", "malformed_jsonl",
-                                  "missing_field"])
+                                  "missing_field", "unsupported_activation"])
 def test_cli_bad_input_is_one_clear_line(case, capsys, tmp_path, tiny_llama_dir, not_a_model,
                                          malformed_jsonl):
+  gelu_model = tmp_path / "gelu"
+  gelu_model.mkdir()
+  with open(os.path.join(tiny_llama_dir, "config.json")) as f:
+    (gelu_model / "config.json").write_text(json.dumps({**json.load(f), "hidden_act": "gelu"}))
   missing_field = tiny.write_jsonl(str(tmp_path / "nf.jsonl"), [{"prompt": "a"}])
   good = [f"model.path={tiny_llama_dir}", f"train.output_dir={tmp_path / 'run'}"]
   words, needle = {
@@ -92,6 +102,8 @@ def test_cli_bad_input_is_one_clear_line(case, capsys, tmp_path, tiny_llama_dir,
       "malformed_jsonl": (good + [f"data.train={malformed_jsonl}"], "bad.jsonl:3: malformed JSON"),
       "missing_field": (good + [f"data.train={missing_field}"],
                         "nf.jsonl: record 1 has no 'completion' field"),
+      "unsupported_activation": ([f"model.path={gelu_model}"],
+                                 "hidden_act 'gelu' is not supported"),
   }[case]
   code, err = _main(capsys, *words)
   assert code == 2

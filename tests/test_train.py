@@ -88,6 +88,24 @@ def test_resume_follows_uninterrupted_run(tiny_llama_dir, reverse_data, tmp_path
   # A finished run re-run does no more steps.
   again = train.run(_cfg(tiny_llama_dir, reverse_data[0], out, **{"train.steps": 6}))
   assert again["start_step"] == 6 and again["losses"] == {}
+  # A config whose data order differs cannot continue this run silently.
+  with pytest.raises(config.UserError, match="cannot resume step 6 exactly"):
+    train.run(_cfg(tiny_llama_dir, reverse_data[0], out,
+                   **{"train.steps": 8, "train.batch_size": 4}))
+
+
+def test_prompt_completion_mask_and_vocab_check(tiny_llama_dir, tmp_path):
+  tokenizer = hf.load_tokenizer(tiny_llama_dir)
+  cfg = _cfg(tiny_llama_dir, "unused", str(tmp_path))
+  records = [{"prompt": "reverse these words: fox dog ->", "completion": " dog fox"}]
+  (ex,) = data.tokenize(records, cfg.data, tokenizer, "mem")
+  prompt_len = len(tokenizer(records[0]["prompt"]).input_ids)
+  assert ex.tokens.tolist() == tokenizer(records[0]["prompt"] + records[0]["completion"]).input_ids + [
+      tokenizer.eos_token_id]
+  assert ex.loss_mask.tolist() == [0] * prompt_len + [1] * (len(ex.tokens) - prompt_len)
+  assert tokenizer.decode(ex.tokens[ex.loss_mask == 1]) == " dog fox</s>"
+  with pytest.raises(config.UserError, match="outside the model's vocabulary of 100"):
+    data.check_vocab([ex], 100, "mem")
 
 
 def test_grad_accumulation_equals_one_big_batch(tiny_llama_dir, reverse_data, tmp_path):

@@ -136,7 +136,8 @@ def dot_product_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
   b, l, h, d = q_BxLxHxD.shape
   kv = k_BxSxKxD.shape[2]
   q = q_BxLxHxD.reshape(b, l, kv, h // kv, d)
-  scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxD).astype(jnp.float32) / math.sqrt(d)
+  scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxD,
+                      preferred_element_type=jnp.float32) / math.sqrt(d)
   scores = jnp.where(mask_Bx1xLxS[:, :, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
   out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxD)

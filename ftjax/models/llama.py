@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ftjax.config import UserError
 from ftjax.models import layers
 
 ARCHITECTURES = {
@@ -51,6 +52,7 @@ class LlamaConfig:
   def from_hf(cls, hf: dict) -> "LlamaConfig":
     """Builds the config from a parsed HF `config.json` (transformers 4.x or 5.x layout)."""
     family = hf.get("model_type", "llama")
+    _check_supported(hf)
     rope = dict(hf.get("rope_parameters") or {})
     theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
@@ -77,6 +79,22 @@ class LlamaConfig:
     )
 
 
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+
+
+def _check_supported(hf: dict) -> None:
+  """Config features this implementation does not have are errors, not silent differences."""
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise UserError(f"hidden_act '{act}' is not supported (supported: silu)")
+  if hf.get("partial_rotary_factor", 1.0) != 1.0:
+    raise UserError("partial_rotary_factor != 1 is not supported")
+  scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind not in SUPPORTED_ROPE:
+    raise UserError(f"rope type '{kind}' is not supported (supported: {', '.join(SUPPORTED_ROPE)})")
+
+
 def _sliding_windows(hf: dict, family: str) -> Optional[tuple]:
   """Per-layer attention windows as HF applies them (Mistral everywhere; Qwen2 by layer type)."""
   n, window = hf["num_hidden_layers"], hf.get("sliding_window")
@@ -86,7 +104,7 @@ def _sliding_windows(hf: dict, family: str) -> Optional[tuple]:
     return (window,) * n
   if family == "qwen2" and hf.get("use_sliding_window"):
     kinds = hf.get("layer_types") or [
-        "sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention"
+        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
         for i in range(n)]
     return tuple(window if k == "sliding_attention" else None for k in kinds)
   return None
