@@ -208,8 +208,6 @@ def run(cfg: Config) -> dict:
     ckpt.save(final, state, meta(final), force=True)
   finally:
     ckpt.close()  # commits any checkpoint still being written, even on an error or Ctrl-C
-  if final >= cfg.train.steps:
-    summary["after"] = run_eval("after", final, state.params)
   log.close()
   summary["plot"] = plot(out_dir)
   summary["final_step"] = final
@@ -244,8 +242,11 @@ def _loop(cfg, state, frozen, train_fn, batches, lr_schedule, ckpt, meta, log, r
       bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                       tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
     bar.update(1)
-    if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.train.steps:
-      result = run_eval("eval", done, state.params)
+    last = done == cfg.train.steps
+    if last or (cfg.eval.every and done % cfg.eval.every == 0):
+      result = run_eval("after" if last else "eval", done, state.params)
+      if last:
+        summary["after"] = result
       if result:
         record = record or {"step": done}
         record.update({k: v for k, v in result.items() if k.startswith("eval_")})

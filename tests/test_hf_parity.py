@@ -100,3 +100,29 @@ def test_round_trip_names(tmp_path):
   for path in tree.flatten(model.params):
     name, _ = hf.path_to_hf(model.family.table, path)
     assert hf.hf_to_path(model.family.table, name)[0] == path
+
+
+def test_sharded_safetensors_with_index(tmp_path):
+  torch_model = tiny.make_model("llama")
+  torch_model.save_pretrained(str(tmp_path), safe_serialization=True, max_shard_size="100KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  model = hf.load(str(tmp_path))
+  tokens = np.random.default_rng(3).integers(3, 320, size=(1, 10)).astype(np.int32)
+  with torch.no_grad():
+    ref = torch_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  ours = _ftjax_logits(model, tokens, np.ones_like(tokens), np.arange(10)[None])
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_shape_mismatch_and_pickles_are_refused(tmp_path):
+  import json
+  from ftjax.config import UserError
+  tiny.save_model(str(tmp_path), "llama")
+  with open(tmp_path / "config.json") as f:
+    cfg = json.load(f)
+  (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+  with pytest.raises(UserError, match=r"mlp\.\w+_proj\.weight' has shape"):
+    hf.load(str(tmp_path))
+  (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+  with pytest.raises(UserError, match="found pickled weights"):
+    hf.load(str(tmp_path))

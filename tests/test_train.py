@@ -131,6 +131,6 @@ def test_run_directory_contents(tiny_llama_dir, reverse_data, tmp_path):
   assert [r["step"] for r in records] == [1, 2, 3, 4]
   for r in records:
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
-  assert "eval_loss" in records[1] and "eval_loss" not in records[0]
+  assert "eval_loss" in records[1] and "eval_loss" in records[3] and "eval_loss" not in records[0]
   assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
   assert os.listdir(os.path.join(out, "tensorboard"))
