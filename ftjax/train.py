@@ -84,7 +84,7 @@ class MetricsLog:
     kept = []
     if os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= resume_step]
+        kept = [line for line in f if (s := _step_of(line)) is not None and s <= resume_step]
     with open(self.path, "w") as f:
       f.writelines(kept)
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
