@@ -44,6 +44,11 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out.state, out.meta
 
+  def restore_params(self, step: int) -> dict:
+    """The trained parameters of checkpoint `step`, as plain arrays (for export)."""
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return out.state["params"]
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -28,8 +28,48 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+  targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
+  r: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+  dora: bool = False  # weight-decomposed LoRA (a trained magnitude per output feature)
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+  size: int = 64  # bottleneck width
+  positions: list[Literal["attn", "ffn"]] = dataclasses.field(
+      default_factory=lambda: ["attn", "ffn"])  # both: Houlsby; ffn only: Pfeiffer
+  activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+
+
+@dataclasses.dataclass
+class PrefixConfig:
+  length: int = 16  # virtual key/value positions per layer
+  projection: bool = True  # train through the MLP reparameterisation
+  projection_hidden: int = 0  # 0: the model's hidden size
+
+
+@dataclasses.dataclass
+class PromptConfig:
+  length: int = 16  # soft tokens
+  init: Literal["vocab", "random", "text"] = "vocab"
+  init_text: str = ""  # for init: text (its token embeddings, repeated to `length`)
+
+
+@dataclasses.dataclass
 class PeftConfig:
-  method: Literal["none"] = "none"
+  method: Literal["none", "lora", "adapter", "prefix", "prompt"] = "none"
+  trainable: list[str] = dataclasses.field(default_factory=list)  # base params to train (regex)
+  frozen: list[str] = dataclasses.field(default_factory=list)  # params to freeze (regex)
+  base_dtype: Literal["fp32", "bf16"] = "fp32"  # storage of frozen base weights
+  init_from: str = ""  # an HF PEFT adapter directory to start from
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+  adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
+  prefix: PrefixConfig = dataclasses.field(default_factory=PrefixConfig)
+  prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
 
 
 @dataclasses.dataclass
@@ -201,6 +241,17 @@ def _validate(cfg: Config) -> None:
       (cfg.eval.batch_size > 0, "eval.batch_size must be > 0"),
       (cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
       (cfg.checkpoint.keep > 0, "checkpoint.keep must be > 0"),
+      (cfg.peft.lora.r > 0, "peft.lora.r must be > 0"),
+      (cfg.peft.lora.alpha > 0, "peft.lora.alpha must be > 0"),
+      (0 <= cfg.peft.lora.dropout < 1, "peft.lora.dropout must be in [0, 1)"),
+      (bool(cfg.peft.lora.targets), "peft.lora.targets must name at least one pattern"),
+      (cfg.peft.adapter.size > 0, "peft.adapter.size must be > 0"),
+      (bool(cfg.peft.adapter.positions), "peft.adapter.positions must name attn and/or ffn"),
+      (cfg.peft.prefix.length > 0, "peft.prefix.length must be > 0"),
+      (cfg.peft.prefix.projection_hidden >= 0, "peft.prefix.projection_hidden must be >= 0"),
+      (cfg.peft.prompt.length > 0, "peft.prompt.length must be > 0"),
+      (cfg.peft.prompt.init != "text" or bool(cfg.peft.prompt.init_text),
+       "peft.prompt.init: text needs peft.prompt.init_text"),
       (bool(cfg.model.path), "model.path is required"),
       (bool(cfg.data.train), "data.train is required"),
   ]

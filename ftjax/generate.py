@@ -16,9 +16,10 @@ import numpy as np
 from ftjax.models import llama
 
 
-@functools.partial(jax.jit, static_argnames=("module",))
-def _forward(module, params, tokens, positions, segment_ids, cache):
-  logits, cache = module.apply({"params": params}, tokens, positions, segment_ids, cache)
+@functools.partial(jax.jit, static_argnames=("module", "prefill"))
+def _forward(module, params, tokens, positions, segment_ids, cache, prefill):
+  logits, cache = module.apply({"params": params}, tokens, positions, segment_ids, cache,
+                               virtual_tokens=prefill)
   return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 
@@ -32,8 +33,9 @@ def greedy(module: Any, params: dict, prompts: list[list[int]], max_new_tokens: 
     tokens[i, p - len(x):] = x
     segment_ids[i, p - len(x):] = 1
   positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
-  cache = llama.init_cache(module.cfg, b, p + max_new_tokens, module.dtype)
-  nxt, cache = _forward(module, params, tokens, positions, segment_ids, cache)
+  soft = module.peft.prompt_len  # prompt tuning's soft tokens occupy the cache's first slots
+  cache = llama.init_cache(module.cfg, b, soft + p + max_new_tokens, module.dtype)
+  nxt, cache = _forward(module, params, tokens, positions, segment_ids, cache, True)
   pos = positions[:, -1:] + 1
   out, done = [], np.zeros(b, bool)
   ones = np.ones((b, 1), np.int32)
@@ -43,7 +45,7 @@ def greedy(module: Any, params: dict, prompts: list[list[int]], max_new_tokens: 
     done |= token == eos_id
     if done.all():
       break
-    nxt, cache = _forward(module, params, token[:, None], pos, ones, cache)
+    nxt, cache = _forward(module, params, token[:, None], pos, ones, cache, False)
     pos = pos + 1
   result = []
   for i, row in enumerate(np.stack(out, axis=1).tolist()):

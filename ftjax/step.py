@@ -23,6 +23,7 @@ class TrainState:
   step: jax.Array
   params: dict  # the trainable parameters (fp32 master copy)
   opt_state: Any
+  rng: jax.Array  # dropout key of the run; each step and micro-batch folds in its index
 
 
 def token_losses(logits_BxLxV: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -40,11 +41,11 @@ def token_losses(logits_BxLxV: jax.Array, batch: dict) -> tuple[jax.Array, jax.A
   return nll * weights, weights, correct * weights
 
 
-ApplyFn = Callable[[dict, dict], jax.Array]  # (params, batch) -> logits
+ApplyFn = Callable[..., jax.Array]  # (params, batch, dropout rng or None) -> logits
 
 
-def _loss_sum(params: dict, frozen: dict, batch: dict, apply_fn: ApplyFn):
-  nll, weights, _ = token_losses(apply_fn(tree.merge(params, frozen), batch), batch)
+def _loss_sum(params: dict, frozen: dict, batch: dict, rng: jax.Array, apply_fn: ApplyFn):
+  nll, weights, _ = token_losses(apply_fn(tree.merge(params, frozen), batch, rng), batch)
   return nll.sum(), weights.sum()
 
 
@@ -53,13 +54,18 @@ def train_step(state: TrainState, frozen: dict, batch: dict, *, apply_fn: ApplyF
   """One optimizer step over a batch of shape (micro-batches, rows, length)."""
   grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
 
-  def micro(carry, mb):
+  step_rng = jax.random.fold_in(state.rng, state.step)
+
+  def micro(carry, inputs):
     grads, loss, count = carry
-    (l, n), g = grad_fn(state.params, frozen, mb, apply_fn)
+    i, mb = inputs
+    (l, n), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(step_rng, i), apply_fn)
     return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+  accum = jax.tree.leaves(batch)[0].shape[0]
+  (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0),
+                                             (jnp.arange(accum), batch))
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -71,5 +77,5 @@ def train_step(state: TrainState, frozen: dict, batch: dict, *, apply_fn: ApplyF
 
 def eval_step(params: dict, frozen: dict, batch: dict, *, apply_fn: ApplyFn) -> dict:
   """Summed loss, trained-token count and correct next-token predictions of one batch."""
-  nll, weights, correct = token_losses(apply_fn(tree.merge(params, frozen), batch), batch)
+  nll, weights, correct = token_losses(apply_fn(tree.merge(params, frozen), batch, None), batch)
   return {"loss_sum": nll.sum(), "tokens": weights.sum(), "correct": correct.sum()}

@@ -8,9 +8,12 @@ and loss.png; running the same command again resumes from the newest checkpoint.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import functools
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Optional
@@ -19,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import checkpoint, config, data, generate, hf, optim, step, tree
+from ftjax import checkpoint, config, data, generate, hf, optim, peft, step, tree
 from ftjax.config import Config, UserError
 
 
@@ -30,11 +33,59 @@ def compute_dtype(name: str):
 
 
 def _apply_fn(module):
-  def apply(params, batch):
+  def apply(params, batch, rng=None):
+    rngs = {"dropout": rng} if rng is not None else None  # dropout only when training
     logits, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
-                             batch["segment_ids"])
+                             batch["segment_ids"], rngs=rngs)
     return logits
   return apply
+
+
+@dataclasses.dataclass
+class Model:
+  """The model a run trains: its module (with the PEFT spec), all parameters, what trains."""
+
+  module: Any
+  params: dict
+  trainable: set
+  base_paths: list
+  loaded: hf.LoadedModel
+
+
+def build_model(cfg: Config, tokenizer, skip_init_from: bool = False) -> Model:
+  """Loads the base model and adds the PEFT method; resolves `cfg.peft` in place from
+  `peft.init_from` (the adapter's own r, alpha, targets, length...), so config.yaml records it."""
+  loaded = hf.load(cfg.model.path, dtype=compute_dtype(cfg.precision.compute))
+  base_paths = list(tree.flatten(loaded.params))
+  from_adapter: dict = {}
+  if cfg.peft.init_from and not skip_init_from:
+    method, fields, from_adapter, trained = hf.load_adapter(cfg.peft.init_from,
+                                                           loaded.family.table, loaded.config)
+    if method != cfg.peft.method:
+      raise UserError(f"peft.init_from: {cfg.peft.init_from} holds a {method} adapter, but "
+                      f"peft.method is {cfg.peft.method}")
+    setattr(cfg.peft, method, dataclasses.replace(getattr(cfg.peft, method), **fields))
+    cfg.peft.trainable = sorted(set(cfg.peft.trainable) | {f"^{re.escape(p)}$" for p in trained})
+  spec = peft.build_spec(cfg.peft, base_paths, loaded.config)
+  peft.check_context(spec, cfg.data.seq_len, loaded.hf_config.get("max_position_embeddings"),
+                     cfg.model.path)
+  module = loaded.module.clone(peft=spec)
+  text_ids = None
+  if spec.method == "prompt" and spec.prompt_init == "text":
+    text_ids = tokenizer(cfg.peft.prompt.init_text, add_special_tokens=False)["input_ids"]
+    if not text_ids:
+      raise UserError("peft.prompt.init_text tokenizes to nothing")
+  params = peft.init(module, loaded.params, jax.random.PRNGKey(cfg.train.seed), text_ids)
+  flat = tree.flatten(params)
+  for path, value in from_adapter.items():
+    if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
+      got = tuple(flat[path].shape) if path in flat else "no such parameter"
+      raise UserError(f"peft.init_from: tensor for '{path}' has shape {tuple(value.shape)}, "
+                      f"this model has {got}")
+    flat[path] = jnp.asarray(value, flat[path].dtype)
+  params = tree.unflatten(flat)
+  return Model(module, params, peft.trainable_paths(cfg.peft, base_paths, params), base_paths,
+               loaded)
 
 
 def evaluate(eval_fn, params, frozen, examples, cfg: Config, pad_id: int) -> dict:
@@ -135,6 +186,7 @@ def plot(output_dir: str) -> Optional[str]:
 
 def run(cfg: Config) -> dict:
   """Fine-tunes `cfg.model.path` on `cfg.data`; returns a summary (losses, eval, run dir)."""
+  cfg = copy.deepcopy(cfg)  # peft.init_from resolves fields in place
   out_dir = cfg.train.output_dir
   os.makedirs(out_dir, exist_ok=True)
   dtype = compute_dtype(cfg.precision.compute)
@@ -151,16 +203,17 @@ def run(cfg: Config) -> dict:
     data.check_vocab(examples, model_cfg.vocab_size, path)
   batches = data.Batches(train_examples, cfg.train.batch_size, cfg.data.seq_len, pad_id,
                          cfg.train.seed)
-  model = hf.load(cfg.model.path, dtype=dtype)
-
-  trainable = set(tree.flatten(model.params))  # full fine-tuning; PEFT narrows this set
-  params, frozen = tree.split(model.params, trainable)
+  model = build_model(cfg, tokenizer)
+  params, frozen = tree.split(model.params, model.trainable)
+  if cfg.peft.base_dtype == "bf16":
+    frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
   n_train, n_total = tree.count(params), tree.count(model.params)
-  print(f"model {cfg.model.path}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.1f}M trainable "
-        f"({100 * n_train / n_total:.1f}%), compute {jnp.dtype(dtype).name}; "
-        f"{len(train_examples)} train / {len(eval_examples)} eval examples")
+  print(f"model {cfg.model.path}: {n_total / 1e6:.2f}M parameters, peft {cfg.peft.method}, "
+        f"{n_train:,} trainable ({100 * n_train / n_total:.3g}%), compute "
+        f"{jnp.dtype(dtype).name}; {len(train_examples)} train / {len(eval_examples)} eval examples")
   tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, params)
-  state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.PRNGKey(cfg.train.seed))
 
   ckpt = checkpoint.Checkpointer(out_dir, cfg.checkpoint.every, cfg.checkpoint.keep)
   start = ckpt.latest_step() or 0

@@ -41,3 +41,35 @@ def test_greedy_decoding_matches_transformers(models):
                           eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
   assert got == ref[0, len(ids):].tolist()
   assert "Paris" in tokenizer.decode(got)
+
+
+def test_short_lora_run_lowers_held_out_loss_and_exports_to_peft(smollm2_dir, tmp_path):
+  import os  # pylint: disable=import-outside-toplevel
+
+  import peft as hf_peft  # pylint: disable=import-outside-toplevel
+
+  from conftest import REPO  # pylint: disable=import-outside-toplevel
+  from ftjax import config, data, export, train  # pylint: disable=import-outside-toplevel
+
+  cfg = config.load(os.path.join(REPO, "configs", "quickstart.yaml"), [
+      f"model.path={smollm2_dir}", f"data.train={REPO}/data/quickstart/train.jsonl",
+      f"data.eval={REPO}/data/quickstart/eval.jsonl", f"train.output_dir={tmp_path / 'run'}",
+      "train.steps=6", "eval.max_examples=32", "eval.samples=0", "checkpoint.every=0"])
+  summary = train.run(cfg)
+  assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"] - 1.0
+  adapter = export.export(summary["output_dir"], "peft", str(tmp_path / "adapter"))
+  pm = hf_peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir), adapter).eval()
+  tokenizer = hf.load_tokenizer(smollm2_dir)
+  examples = data.load(cfg.data.eval, cfg.data, tokenizer)[:32]
+  nll_sum = count = 0.0
+  for b in data.eval_batches(examples, 32, cfg.data.seq_len, tokenizer.pad_token_id):
+    b = {k: torch.tensor(v, dtype=torch.long) for k, v in b.items()}
+    with torch.no_grad():
+      logits = pm(input_ids=b["tokens"], attention_mask=b["segment_ids"]).logits
+    weights = b["loss_mask"][:, 1:] * (b["segment_ids"][:, 1:] == b["segment_ids"][:, :-1])
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), b["tokens"][:, 1:],
+                                            reduction="none")
+    nll_sum += float((nll * weights).sum())
+    count += float(weights.sum())
+  assert abs(nll_sum / count - summary["after"]["eval_loss"]) < 1e-3

@@ -12,31 +12,40 @@ gradient about twice as fast when only one batch-like dimension must be contract
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ftjax.peft import lora
 
 Dtype = Any
 NEG_INF = -1e30  # finite, so that a fully masked row can never produce NaN
 
 
 class Dense(nn.Module):
-  """y = x @ kernel (+ bias), kernel stored (in, out) with logical axes."""
+  """y = x @ kernel (+ bias), kernel stored (in, out) with logical axes.
+
+  When the PEFT spec names this layer's path, a LoRA/DoRA branch is added (see peft/lora.py).
+  """
 
   features: int
-  axes: tuple[str, str]
+  axes: tuple[Optional[str], Optional[str]]
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.normal(0.02)
+  peft: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
-        (x.shape[-1], self.features), self.param_dtype)
-    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel.astype(self.dtype))
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                        (x.shape[-1], self.features), self.param_dtype)
+    x2d = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+    y = jnp.dot(x2d, kernel.astype(self.dtype))
+    if self.peft is not None and self.peft.lora_at(self.path):
+      y = lora.apply(self, x2d, kernel, y, self.peft)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                         (self.features,), self.param_dtype)

@@ -17,8 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ftjax import peft as peft_lib
 from ftjax.config import UserError
 from ftjax.models import layers
+from ftjax.peft.adapter import Adapter
+from ftjax.peft.prefix import Prefix
+from ftjax.peft.prompt import Prompt
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -113,11 +117,14 @@ def _sliding_windows(hf: dict, family: str) -> Optional[tuple]:
 class Attention(nn.Module):
   cfg: LlamaConfig
   dtype: Any = jnp.float32
+  peft: peft_lib.Spec = peft_lib.NONE
 
   @nn.compact
-  def __call__(self, h_BxLxD, positions_BxL, mask, kv_cache=None, cache_index=None):
+  def __call__(self, h_BxLxD, positions_BxL, mask, kv_cache=None, cache_index=None,
+               prefix_kv=None):
     cfg = self.cfg
-    dense = lambda n, axes, bias, name: layers.Dense(n, axes, bias, self.dtype, name=name)
+    dense = lambda n, axes, bias, name: layers.Dense(n, axes, bias, self.dtype, peft=self.peft,
+                                                     name=name)
     b, l, _ = h_BxLxD.shape
     q = dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, "q_proj")(h_BxLxD)
     k = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg.qkv_bias, "k_proj")(h_BxLxD)
@@ -134,7 +141,11 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
       kv_cache = (k, v)
-    out = layers.dot_product_attention(q, k.astype(self.dtype), v.astype(self.dtype), mask)
+    k, v = k.astype(self.dtype), v.astype(self.dtype)
+    if prefix_kv is not None:  # prefix tuning: (2, m, kv_heads, head_dim), seen by every query
+      pk, pv = (jnp.broadcast_to(x[None], (b, *x.shape)) for x in prefix_kv)
+      k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+    out = layers.dot_product_attention(q, k, v, mask)
     out = dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(
         out.reshape(b, l, cfg.num_heads * cfg.head_dim))
     return out, kv_cache
@@ -143,43 +154,69 @@ class Attention(nn.Module):
 class MLP(nn.Module):
   cfg: LlamaConfig
   dtype: Any = jnp.float32
+  peft: peft_lib.Spec = peft_lib.NONE
 
   @nn.compact
   def __call__(self, h_BxLxD):
     cfg = self.cfg
-    gate = layers.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, self.dtype,
-                        name="gate_proj")(h_BxLxD)
-    up = layers.Dense(cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, self.dtype,
-                      name="up_proj")(h_BxLxD)
-    return layers.Dense(cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, self.dtype,
-                        name="down_proj")(nn.silu(gate) * up)
+    dense = lambda n, axes, name: layers.Dense(n, axes, cfg.mlp_bias, self.dtype, peft=self.peft,
+                                               name=name)
+    gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(h_BxLxD)
+    up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(h_BxLxD)
+    return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
   cfg: LlamaConfig
   dtype: Any = jnp.float32
+  peft: peft_lib.Spec = peft_lib.NONE
 
   @nn.compact
-  def __call__(self, h_BxLxD, positions_BxL, mask, kv_cache=None, cache_index=None):
+  def __call__(self, h_BxLxD, positions_BxL, mask, kv_cache=None, cache_index=None,
+               prefix_kv=None):
     norm = lambda name: layers.RMSNorm(self.cfg.rms_norm_eps, self.dtype, name=name)
-    attn, kv_cache = Attention(self.cfg, self.dtype, name="self_attn")(
-        norm("input_layernorm")(h_BxLxD), positions_BxL, mask, kv_cache, cache_index)
+    spec = self.peft
+    adapter = lambda name: Adapter(spec.adapter_size, spec.adapter_activation, self.dtype,
+                                   name=f"{name}_adapter")
+    attn, kv_cache = Attention(self.cfg, self.dtype, spec, name="self_attn")(
+        norm("input_layernorm")(h_BxLxD), positions_BxL, mask, kv_cache, cache_index, prefix_kv)
+    if "attn" in spec.adapter_positions:
+      attn = adapter("attn")(attn)
     h_BxLxD = h_BxLxD + attn
-    h_BxLxD = h_BxLxD + MLP(self.cfg, self.dtype, name="mlp")(
-        norm("post_attention_layernorm")(h_BxLxD))
-    return h_BxLxD, kv_cache
+    ffn = MLP(self.cfg, self.dtype, spec, name="mlp")(norm("post_attention_layernorm")(h_BxLxD))
+    if "ffn" in spec.adapter_positions:
+      ffn = adapter("ffn")(ffn)
+    return h_BxLxD + ffn, kv_cache
 
 
 class Llama(nn.Module):
-  """Decoder-only LM. `__call__` returns (logits_BxLxV in fp32, updated cache or None)."""
+  """Decoder-only LM. `__call__` returns (logits_BxLxV in fp32, updated cache or None).
+
+  Under prompt tuning the soft tokens are prepended when `virtual_tokens` is true (always in
+  training; only in the prefill during generation) and their logits are dropped.
+  """
 
   cfg: LlamaConfig
   dtype: Any = jnp.float32
+  peft: peft_lib.Spec = peft_lib.NONE
 
   @nn.compact
-  def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: Optional[dict] = None):
-    cfg = self.cfg
-    l = tokens_BxL.shape[1]
+  def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: Optional[dict] = None,
+               virtual_tokens: bool = True):
+    cfg, spec = self.cfg, self.peft
+    embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
+    h = embed(tokens_BxL)
+    positions_BxL = positions_BxL + spec.virtual_tokens  # real tokens follow the virtual ones
+    soft = spec.prompt_len if virtual_tokens else 0
+    if soft:
+      b = tokens_BxL.shape[0]
+      prompt = Prompt(spec.prompt_len, cfg.hidden_size, name="prompt")().astype(self.dtype)
+      h = jnp.concatenate([jnp.broadcast_to(prompt[None], (b, *prompt.shape)), h], axis=1)
+      row_seg = jnp.max(segment_ids_BxL, axis=1, keepdims=True)  # unpacked rows: 1 (0 if empty)
+      segment_ids_BxL = jnp.concatenate([jnp.broadcast_to(row_seg, (b, soft)), segment_ids_BxL], 1)
+      positions_BxL = jnp.concatenate(
+          [jnp.broadcast_to(jnp.arange(soft), (b, soft)), positions_BxL], axis=1)
+    l = h.shape[1]
     if cache is None:
       q_index = k_index = jnp.arange(l)
       k_seg, index = segment_ids_BxL, None
@@ -190,21 +227,30 @@ class Llama(nn.Module):
       k_index = jnp.arange(k_seg.shape[1])
     masks = {w: layers.attention_mask(q_index, k_index, segment_ids_BxL, k_seg, w)
              for w in set(cfg.sliding_windows or (None,))}
+    prefixes = None
+    if spec.prefix_len:
+      prefixes = Prefix(spec.prefix_len, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                        spec.prefix_hidden, self.dtype, name="prefix")()
+      # Prefix slots are cache positions 0..m-1 before the real tokens, as HF holds them: every
+      # real query sees them, except where a sliding window has moved past.
+      m = spec.prefix_len
+      masks = {w: jnp.concatenate([layers.attention_mask(
+          q_index + m, jnp.arange(m), segment_ids_BxL > 0, jnp.ones((1, m), bool), w), mask], -1)
+               for w, mask in masks.items()}
 
-    embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
-    h = embed(tokens_BxL)
     new_layers = []
     for i in range(cfg.num_layers):
       window = cfg.sliding_windows[i] if cfg.sliding_windows else None
       kv = cache["layers"][i] if cache is not None else None
-      h, kv = DecoderLayer(cfg, self.dtype, name=f"layers_{i}")(
-          h, positions_BxL, masks[window], kv, index)
+      h, kv = DecoderLayer(cfg, self.dtype, spec, name=f"layers_{i}")(
+          h, positions_BxL, masks[window], kv, index,
+          None if prefixes is None else prefixes[i])
       new_layers.append(kv)
-    h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h)
+    h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h[:, soft:])
     if cfg.tie_word_embeddings:
       logits = embed.attend(h)
     else:
-      logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), False, self.dtype,
+      logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), False, self.dtype, peft=spec,
                             name="lm_head")(h)
     if cache is not None:
       cache = {"index": index + l, "segment_ids": k_seg, "layers": new_layers}
@@ -212,7 +258,10 @@ class Llama(nn.Module):
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-  """An empty KV cache for `max_len` positions (segment id 0 marks unwritten slots)."""
+  """An empty KV cache for `max_len` positions (segment id 0 marks unwritten slots).
+
+  Under prompt tuning `max_len` must count the soft tokens too.
+  """
   shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   return {
       "index": jnp.zeros((), jnp.int32),

@@ -1,0 +1,85 @@
+"""`python -m ftjax.export --run RUN_DIR --to peft|hf --out DIR`: a run's weights for HF.
+
+`--to peft` writes an HF PEFT adapter (LoRA / DoRA, prompt tuning, prefix tuning with the MLP
+ejected to flat prefixes; trained base modules as `modules_to_save`). `--to hf` writes a full
+model directory that `transformers` loads: full or partial fine-tuning as trained, LoRA merged
+into the base weights. Methods a format cannot hold are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from ftjax import checkpoint, config, hf, peft, train, tree
+from ftjax.config import UserError
+
+
+def export(run_dir: str, to: str, out_dir: str, step: Optional[int] = None,
+           model_path: Optional[str] = None, dtype: str = "auto") -> str:
+  """Exports checkpoint `step` (default: the newest) of a run; returns `out_dir`."""
+  config_file = os.path.join(run_dir, "config.yaml")
+  if not os.path.isfile(config_file):
+    raise UserError(f"--run: {run_dir} is not an ftjax run directory (no config.yaml)")
+  cfg = config.load(config_file, [f"model.path={model_path}"] if model_path else [])
+  if to == "peft" and cfg.peft.method not in ("lora", "prefix", "prompt"):
+    why = ("peft.method none (full or partial fine-tuning) is no adapter: use --to hf" if cfg.peft.method == "none" else
+           "bottleneck adapters have no HF PEFT format (PEFT has no such method)")
+    raise UserError(f"cannot export peft.method {cfg.peft.method} --to peft: {why}")
+  if to == "hf" and peft.merge_refusal(cfg.peft.method):
+    raise UserError(f"cannot export --to hf: {peft.merge_refusal(cfg.peft.method)}")
+  ckpt = checkpoint.Checkpointer(run_dir, 0, 1)
+  try:
+    step = step if step is not None else ckpt.latest_step()
+    if step is None:
+      raise UserError(f"--run: {run_dir} has no checkpoint to export")
+    if step not in ckpt.manager.all_steps():
+      raise UserError(f"--step: {run_dir} has no checkpoint at step {step} "
+                      f"(have {sorted(ckpt.manager.all_steps())})")
+    trained = tree.flatten(ckpt.restore_params(step))
+  finally:
+    ckpt.close()
+  tokenizer = hf.load_tokenizer(cfg.model.path)
+  model = train.build_model(cfg, tokenizer, skip_init_from=True)  # the checkpoint has it all
+  flat = tree.flatten(model.params)
+  if set(trained) != model.trainable:
+    raise UserError(f"{run_dir}: checkpoint {step} does not hold this config's trainable "
+                    "parameters (was config.yaml edited?)")
+  flat.update(trained)
+  params, spec = tree.unflatten(flat), model.module.peft
+  table = model.loaded.family.table
+  if to == "peft":
+    spec, params = peft.eject(spec, params)
+    trained_base = model.trainable & set(model.base_paths)
+    hf.save_adapter(out_dir, spec, params, trained_base, table, model.loaded.config,
+                    os.path.abspath(cfg.model.path))
+    tokenizer.save_pretrained(out_dir)
+  else:
+    hf.save_model(out_dir, peft.merge(spec, params), cfg.model.path, table, dtype)
+  return out_dir
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m ftjax.export",
+                                   description="Export a run as an HF PEFT adapter or HF model.")
+  parser.add_argument("--run", required=True, help="the run directory (train.output_dir)")
+  parser.add_argument("--to", required=True, choices=("peft", "hf"))
+  parser.add_argument("--out", required=True, help="the directory to write")
+  parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+  parser.add_argument("--model", help="base model directory, if it moved since training")
+  parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                      help="--to hf weight dtype (auto: the base model's)")
+  args = parser.parse_args(argv)
+  try:
+    out = export(args.run, args.to, args.out, args.step, args.model, args.dtype)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.to} export of {args.run} to {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
