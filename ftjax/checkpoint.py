@@ -18,11 +18,12 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """Saves every `every` steps (and when forced), keeps the newest `keep`."""
 
-  def __init__(self, output_dir: str, every: int, keep: int):
+  def __init__(self, output_dir: str, every: int, keep: int, read_only: bool = False):
     self.every = every
     self.manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(output_dir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                             read_only=read_only),
         item_names=("state", "meta"))
 
   def latest_step(self) -> Optional[int]:
@@ -43,6 +44,10 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out.state, out.meta
+
+  def meta(self, step: int) -> dict:
+    """The JSON metadata of checkpoint `step` alone (cheap: no arrays are read)."""
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def restore_params(self, step: int) -> dict:
     """The trained parameters of checkpoint `step`, as plain arrays (for export)."""

@@ -15,6 +15,7 @@ from typing import Optional
 
 from ftjax import checkpoint, config, hf, peft, train, tree
 from ftjax.config import UserError
+from ftjax.peft import hf_adapter
 
 
 def export(run_dir: str, to: str, out_dir: str, step: Optional[int] = None,
@@ -24,13 +25,19 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int] = None,
   if not os.path.isfile(config_file):
     raise UserError(f"--run: {run_dir} is not an ftjax run directory (no config.yaml)")
   cfg = config.load(config_file, [f"model.path={model_path}"] if model_path else [])
+  if not os.path.isdir(cfg.model.path):
+    raise UserError(f"{config_file}: model.path {cfg.model.path} is not a directory from here "
+                    "(pass --model DIR)")
+  if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)):
+    raise UserError(f"--out: {out_dir} already exists and is not empty (choose a new directory)")
   if to == "peft" and cfg.peft.method not in ("lora", "prefix", "prompt"):
-    why = ("peft.method none (full or partial fine-tuning) is no adapter: use --to hf" if cfg.peft.method == "none" else
-           "bottleneck adapters have no HF PEFT format (PEFT has no such method)")
+    why = ("bottleneck adapters have no HF PEFT format (PEFT has no such method)"
+           if cfg.peft.method == "adapter" else
+           "peft.method none (full or partial fine-tuning) is no adapter: use --to hf")
     raise UserError(f"cannot export peft.method {cfg.peft.method} --to peft: {why}")
   if to == "hf" and peft.merge_refusal(cfg.peft.method):
     raise UserError(f"cannot export --to hf: {peft.merge_refusal(cfg.peft.method)}")
-  ckpt = checkpoint.Checkpointer(run_dir, 0, 1)
+  ckpt = checkpoint.Checkpointer(run_dir, 0, 1, read_only=True)
   try:
     step = step if step is not None else ckpt.latest_step()
     if step is None:
@@ -53,7 +60,7 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int] = None,
   if to == "peft":
     spec, params = peft.eject(spec, params)
     trained_base = model.trainable & set(model.base_paths)
-    hf.save_adapter(out_dir, spec, params, trained_base, table, model.loaded.config,
+    hf_adapter.save(out_dir, spec, params, trained_base, table, model.loaded.config,
                     os.path.abspath(cfg.model.path))
     tokenizer.save_pretrained(out_dir)
   else:

@@ -217,114 +217,16 @@ def load_tokenizer(model_dir: str):
   return tok
 
 
-# ---- HF PEFT adapters and merged exports ---------------------------------------------------
+# ---- merged exports ---------------------------------------------------------------------
 
-PEFT_PREFIX = "base_model.model."
 # Files a merged export copies from the base model directory (config.json is rewritten).
 MODEL_SIDE_FILES = ("generation_config.json", "tokenizer*", "special_tokens_map.json",
                     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.*",
                     "*.model")
-PEFT_TYPES = {"LORA": "lora", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
-
-
-def _hf_module(table: list, module_path: str) -> str:
-  """ftjax module path -> HF module name ('layers_0/self_attn/q_proj' -> 'model.layers.0...')."""
-  return path_to_hf(table, f"{module_path}/kernel")[0].rsplit(".", 1)[0]
-
-
-def save_adapter(out_dir: str, spec, params: dict, trained_base: set[str], table: list,
-                 model_cfg, base_model: str) -> None:
-  """Writes an HF PEFT adapter (adapter_config.json + adapter_model.safetensors).
-
-  Trained base parameters go out as PEFT `modules_to_save`, which holds whole modules only.
-
-  Raises:
-    UserError: for a method or a set of trained base parameters PEFT cannot hold.
-  """
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-
-  from ftjax.peft import lora, prefix, prompt  # pylint: disable=import-outside-toplevel
-
-  flat = tree.flatten(params)
-  if spec.method == "lora":
-    config, tensors = lora.to_peft(spec, flat, lambda m: _hf_module(table, m))
-  elif spec.method in ("prefix", "prompt"):
-    config, tensors = {"prefix": prefix, "prompt": prompt}[spec.method].to_peft(spec, flat,
-                                                                                model_cfg)
-  else:
-    raise UserError(f"peft.method {spec.method} has no HF PEFT adapter format"
-                    + (" (export the full model with --to hf)" if spec.method == "none" else ""))
-  modules = sorted({p.rsplit("/", 1)[0] for p in trained_base})
-  for m in modules:
-    partial = sorted(p for p in flat if p.startswith(m + "/") and p not in trained_base
-                     and p.rsplit("/", 1)[-1] not in lora.LEAVES)
-    if partial:
-      raise UserError(f"PEFT's modules_to_save holds whole modules, but only part of '{m}' was "
-                      f"trained ({partial[0]} was frozen); export with --to hf instead")
-  for p in sorted(trained_base):
-    name, transpose = path_to_hf(table, p)
-    array = np.asarray(flat[p], np.float32)
-    tensors[PEFT_PREFIX + name] = array.T if transpose else array
-  names = sorted({path_to_hf(table, p)[0].rsplit(".", 1)[0] for p in trained_base})
-  config.update({"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-                 "inference_mode": True, "modules_to_save": names or None})
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
-            os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-
-
-def load_adapter(adapter_dir: str, table: list, model_cfg) -> tuple[str, dict, dict, set[str]]:
-  """Reads an HF PEFT adapter directory.
-
-  Returns:
-    (method, the method's config fields, ftjax leaves by path, trained base paths).
-  """
-  from ftjax.peft import lora, prefix, prompt  # pylint: disable=import-outside-toplevel
-
-  config_file = os.path.join(adapter_dir, "adapter_config.json")
-  weights = os.path.join(adapter_dir, "adapter_model.safetensors")
-  if not os.path.isfile(config_file):
-    raise UserError(f"peft.init_from: {adapter_dir} is not a PEFT adapter (no adapter_config.json)")
-  if not os.path.isfile(weights):
-    raise UserError(f"peft.init_from: {adapter_dir} has no adapter_model.safetensors "
-                    "(pickled adapter_model.bin is never loaded)")
-  try:
-    with open(config_file) as f:
-      adapter = json.load(f)
-  except json.JSONDecodeError as e:
-    raise UserError(f"{config_file}: not valid JSON ({e})") from None
-  kind = adapter.get("peft_type")
-  if kind not in PEFT_TYPES:
-    raise UserError(f"{config_file}: peft_type {kind!r} is not supported "
-                    f"(supported: {', '.join(PEFT_TYPES)})")
-  with safe_open(weights, framework="numpy") as f:
-    tensors = {k: f.get_tensor(k) for k in f.keys()}
-  base, own = {}, {}
-  for key, value in tensors.items():
-    mapped = hf_to_path(table, key[len(PEFT_PREFIX):]) if key.startswith(PEFT_PREFIX) else None
-    if mapped:  # a modules_to_save copy of a base tensor
-      path, transpose = mapped
-      base[path] = value.T if transpose else value
-    else:
-      own[key] = value
-  method = PEFT_TYPES[kind]
-  if method == "lora":
-    def to_module(name: str) -> str:
-      mapped = hf_to_path(table, name[len(PEFT_PREFIX):] + ".weight")
-      if mapped is None:
-        raise UserError(f"{weights}: LoRA tensor for unknown module '{name}'")
-      return mapped[0].rsplit("/", 1)[0]
-    fields, leaves = lora.from_peft(adapter, own, to_module, weights)
-  else:
-    fields, leaves = {"prefix": prefix, "prompt": prompt}[method].from_peft(adapter, own,
-                                                                           model_cfg, weights)
-  return method, fields, {**leaves, **base}, set(base)
 
 
 def save_model(out_dir: str, params: dict, model_dir: str, table: list, dtype: str) -> None:
-  """Writes base-model parameters as an HF model directory next to copies of the source
+  """Writes base-model parameters as an HF model directory, with copies of the source
   directory's config, tokenizer and template files. `dtype`: auto (the source's) | fp32 | bf16."""
   import shutil  # pylint: disable=import-outside-toplevel
 
@@ -333,7 +235,8 @@ def save_model(out_dir: str, params: dict, model_dir: str, table: list, dtype: s
   hf, _ = read_config(model_dir)
   source = hf.get("dtype") or hf.get("torch_dtype") or "float32"
   name = {"auto": source, "fp32": "float32", "bf16": "bfloat16"}[dtype]
-  target = jnp.bfloat16 if name == "bfloat16" else jnp.float32
+  target = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}.get(name, jnp.float32)
+  name = jnp.dtype(target).name if name != "bfloat16" else name
   tensors = {}
   for path, value in tree.flatten(params).items():
     hf_name, transpose = path_to_hf(table, path)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import checkpoint, config, data, generate, hf, optim, peft, step, tree
+from ftjax.peft import hf_adapter
 from ftjax.config import Config, UserError
 
 
@@ -59,12 +60,15 @@ def build_model(cfg: Config, tokenizer, skip_init_from: bool = False) -> Model:
   base_paths = list(tree.flatten(loaded.params))
   from_adapter: dict = {}
   if cfg.peft.init_from and not skip_init_from:
-    method, fields, from_adapter, trained = hf.load_adapter(cfg.peft.init_from,
+    method, fields, from_adapter, trained = hf_adapter.load(cfg.peft.init_from,
                                                            loaded.family.table, loaded.config)
     if method != cfg.peft.method:
       raise UserError(f"peft.init_from: {cfg.peft.init_from} holds a {method} adapter, but "
                       f"peft.method is {cfg.peft.method}")
     setattr(cfg.peft, method, dataclasses.replace(getattr(cfg.peft, method), **fields))
+    print(f"peft.init_from {cfg.peft.init_from}: the adapter's own settings replace "
+          f"peft.{method}: " + ", ".join(f"{k}={v}" for k, v in fields.items() if k != "targets")
+          + (f", {len(trained)} trained base tensor(s)" if trained else ""))
     cfg.peft.trainable = sorted(set(cfg.peft.trainable) | {f"^{re.escape(p)}$" for p in trained})
   spec = peft.build_spec(cfg.peft, base_paths, loaded.config)
   peft.check_context(spec, cfg.data.seq_len, loaded.hf_config.get("max_position_embeddings"),
@@ -72,20 +76,23 @@ def build_model(cfg: Config, tokenizer, skip_init_from: bool = False) -> Model:
   module = loaded.module.clone(peft=spec)
   text_ids = None
   if spec.method == "prompt" and spec.prompt_init == "text":
-    text_ids = tokenizer(cfg.peft.prompt.init_text, add_special_tokens=False)["input_ids"]
+    text_ids = tokenizer(cfg.peft.prompt.init_text)["input_ids"]  # as PEFT does (BOS included)
     if not text_ids:
       raise UserError("peft.prompt.init_text tokenizes to nothing")
   params = peft.init(module, loaded.params, jax.random.PRNGKey(cfg.train.seed), text_ids)
+  trainable = peft.trainable_paths(cfg.peft, base_paths, params)
   flat = tree.flatten(params)
+  if cfg.peft.base_dtype == "bf16":  # frozen base weights stored in bf16, as trained against
+    flat.update({p: flat[p].astype(jnp.bfloat16) for p in base_paths if p not in trainable})
+    if spec.dora:  # the magnitude starts at the norm of the kernel the forward pass sees
+      flat = peft.lora.finish(spec, flat)
   for path, value in from_adapter.items():
     if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
       got = tuple(flat[path].shape) if path in flat else "no such parameter"
       raise UserError(f"peft.init_from: tensor for '{path}' has shape {tuple(value.shape)}, "
                       f"this model has {got}")
     flat[path] = jnp.asarray(value, flat[path].dtype)
-  params = tree.unflatten(flat)
-  return Model(module, params, peft.trainable_paths(cfg.peft, base_paths, params), base_paths,
-               loaded)
+  return Model(module, tree.unflatten(flat), trainable, base_paths, loaded)
 
 
 def evaluate(eval_fn, params, frozen, examples, cfg: Config, pad_id: int) -> dict:
@@ -205,12 +212,11 @@ def run(cfg: Config) -> dict:
                          cfg.train.seed)
   model = build_model(cfg, tokenizer)
   params, frozen = tree.split(model.params, model.trainable)
-  if cfg.peft.base_dtype == "bf16":
-    frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16), frozen)
   n_train, n_total = tree.count(params), tree.count(model.params)
   print(f"model {cfg.model.path}: {n_total / 1e6:.2f}M parameters, peft {cfg.peft.method}, "
         f"{n_train:,} trainable ({100 * n_train / n_total:.3g}%), compute "
-        f"{jnp.dtype(dtype).name}; {len(train_examples)} train / {len(eval_examples)} eval examples")
+        f"{jnp.dtype(dtype).name}; {len(train_examples)} train / {len(eval_examples)} eval "
+        "examples")
   tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, params)
   state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.PRNGKey(cfg.train.seed))
@@ -219,13 +225,21 @@ def run(cfg: Config) -> dict:
   start = ckpt.latest_step() or 0
   data_meta = {"examples": len(train_examples), "batch_size": cfg.train.batch_size,
                "seed": cfg.train.seed}
+  shapes = {p: list(v.shape) for p, v in sorted(tree.flatten(params).items())}
   if start:
-    state, meta = ckpt.restore(start, state)
+    meta = ckpt.meta(start)
     saved = {k: meta["data"].get(k) for k in data_meta}
+    problem = None
     if saved != data_meta:
+      problem = (f"its data order came from {saved}, this config gives {data_meta}")
+    elif meta.get("trainable") != shapes:
+      problem = ("it trained other parameters (peft method, targets, rank or trainable "
+                 "patterns differ from this config)")
+    if problem:
       ckpt.close()
-      raise UserError(f"{out_dir}: cannot resume step {start} exactly: its data order came from "
-                      f"{saved}, this config gives {data_meta} (use a new train.output_dir)")
+      raise UserError(f"{out_dir}: cannot resume step {start} exactly: {problem} "
+                      "(use a new train.output_dir)")
+    state, meta = ckpt.restore(start, state)
     print(f"resumed from step {start} (data epoch {meta['data']['epoch']}, "
           f"index {meta['data']['index']})")
   config.dump(cfg, os.path.join(out_dir, "config.yaml"))
@@ -251,7 +265,8 @@ def run(cfg: Config) -> dict:
     summary.setdefault("evals", {})[at] = result
     return result
 
-  meta = lambda s: {"data": {**batches.position(s), **data_meta}, "step": s}
+  meta = lambda s: {"data": {**batches.position(s), **data_meta}, "step": s,
+                    "trainable": shapes}
   try:
     if start < cfg.train.steps:
       summary["before"] = run_eval("before", start, state.params)

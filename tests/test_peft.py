@@ -145,7 +145,7 @@ def runs(tiny_llama_dir, tmp_path_factory):
       "dora": ["peft.method=lora", "peft.lora.targets=[q_proj, v_proj, up_proj]",
                "peft.lora.dora=true", "peft.lora.rslora=true", "peft.lora.r=4"],
       "prefix": ["peft.method=prefix", "peft.prefix.length=6", "peft.prefix.projection_hidden=32"],
-      "prompt": ["peft.method=prompt", "peft.prompt.length=5",
+      "prompt": ["peft.method=prompt", "peft.prompt.length=5", "peft.trainable=[^norm/]",
                  "peft.prompt.init=text", "peft.prompt.init_text=reverse these words"],
       "adapter": ["peft.method=adapter", "peft.adapter.size=8"],
       "norms": ["peft.trainable=[norm]"],
@@ -166,6 +166,8 @@ def test_peft_export_loads_in_hf_peft_with_the_runs_eval_loss(name, runs, tiny_l
     assert adapter["modules_to_save"] == ["model.norm"]
     assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, 64)
     assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (64, 8)
+  if name == "prompt":
+    assert adapter["modules_to_save"] == ["model.norm"] and "base_model.model.norm.weight" in tensors
   if name == "prefix":
     assert adapter["prefix_projection"] is False and tensors["prompt_embeddings"].shape == (6, 128)
   pm = hf_peft.PeftModel.from_pretrained(
@@ -327,3 +329,67 @@ def test_lora_dropout_only_in_training(tiny_llama_dir):
   assert np.abs(np.asarray(train_a) - np.asarray(eval_a)).max() > 1e-2
   assert np.abs(np.asarray(apply(params, batch, jax.random.PRNGKey(1))) -
                 np.asarray(train_a)).max() > 1e-2
+
+
+def test_lora_merge_and_unmerge(tiny_llama_dir):
+  model = train.build_model(_cfg(tiny_llama_dir, "peft.method=lora", "peft.lora.r=4",
+                                 "peft.lora.targets=[all-linear]"),
+                            hf.load_tokenizer(tiny_llama_dir))
+  flat = tree.flatten(model.params)
+  for p in flat:
+    if p.endswith("lora_b"):
+      flat[p] = flat[p] + 0.1 * jax.random.normal(jax.random.PRNGKey(len(p)), flat[p].shape)
+  spec, params = model.module.peft, tree.unflatten(flat)
+  merged = peft.merge(spec, params)
+  assert not any(p.split("/")[-1].startswith("lora") for p in tree.flatten(merged))
+  ours, real = _ftjax_logits(model, params)
+  base = train.build_model(_cfg(tiny_llama_dir), hf.load_tokenizer(tiny_llama_dir))
+  got, _ = _ftjax_logits(base, merged)
+  assert np.abs(got[real] - ours[real]).max() < 1e-4
+  back = peft.lora.unmerge(spec, tree.flatten(merged), flat)
+  for p, v in tree.flatten(base.params).items():
+    np.testing.assert_allclose(back[p], v, atol=1e-6, err_msg=p)
+
+
+def test_tied_embeddings_trained_with_lora_export_to_peft(tmp_path):
+  model_dir = str(tmp_path / "tied")
+  tiny.save_model(model_dir, "llama", tie_word_embeddings=True)
+  files = (tiny.write_jsonl(str(tmp_path / "train.jsonl"), tiny.reverse_records(32)),
+           tiny.write_jsonl(str(tmp_path / "eval.jsonl"), tiny.reverse_records(8, seed=1)))
+  cfg, summary = _run(model_dir, files, str(tmp_path / "run"), "peft.method=lora",
+                      "peft.trainable=[embed_tokens]", steps=4)
+  out = export.export(summary["output_dir"], "peft", str(tmp_path / "adapter"))
+  pm = hf_peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(model_dir), out).eval()
+  loss = _torch_eval_loss(pm, cfg, hf.load_tokenizer(model_dir))
+  assert abs(loss - summary["after"]["eval_loss"]) < 1e-4
+  # and back: the adapter loads into ftjax with the same trained embedding
+  again = train.build_model(_cfg(model_dir, "peft.method=lora", f"peft.init_from={out}"),
+                            hf.load_tokenizer(model_dir))
+  assert "embed_tokens/embedding" in again.trainable
+
+
+def test_resume_refuses_a_different_peft_config(runs):
+  cfg, summary = runs["dora"]
+  changed = config.load(None, [f"{k}={v}" for k, v in {
+      "model.path": cfg.model.path, "data.train": cfg.data.train, "data.format": cfg.data.format,
+      "data.seq_len": cfg.data.seq_len, "train.output_dir": summary["output_dir"],
+      "train.batch_size": 8, "train.steps": 12, "peft.method": "lora", "peft.lora.r": 2}.items()])
+  with pytest.raises(config.UserError, match="cannot resume step 8 exactly: it trained other"):
+    train.run(changed)
+
+
+@pytest.mark.parametrize("option,needle", [
+    ({"alpha_pattern": {"q_proj": 64}}, "alpha_pattern={'q_proj': 64} is not supported"),
+    ({"lora_bias": True}, "lora_bias=True is not supported"),
+    ({"target_modules": ["embed_tokens", "q_proj"]}, "is not part of what ftjax can load"),
+])
+def test_adapter_options_ftjax_cannot_reproduce_are_refused(option, needle, tiny_llama_dir,
+                                                            tmp_path):
+  adapter_dir = str(tmp_path / "adapter")
+  kwargs = {"r": 2, "target_modules": ["q_proj"], **option}
+  hf_peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                         hf_peft.LoraConfig(**kwargs)).save_pretrained(adapter_dir)
+  with pytest.raises(config.UserError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+    train.build_model(_cfg(tiny_llama_dir, "peft.method=lora", f"peft.init_from={adapter_dir}"),
+                      hf.load_tokenizer(tiny_llama_dir))

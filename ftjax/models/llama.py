@@ -126,9 +126,10 @@ class Attention(nn.Module):
     dense = lambda n, axes, bias, name: layers.Dense(n, axes, bias, self.dtype, peft=self.peft,
                                                      name=name)
     b, l, _ = h_BxLxD.shape
+    kv_width = cfg.num_kv_heads * cfg.head_dim
     q = dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, "q_proj")(h_BxLxD)
-    k = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg.qkv_bias, "k_proj")(h_BxLxD)
-    v = dense(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg.qkv_bias, "v_proj")(h_BxLxD)
+    k = dense(kv_width, ("embed", "kv_heads"), cfg.qkv_bias, "k_proj")(h_BxLxD)
+    v = dense(kv_width, ("embed", "kv_heads"), cfg.qkv_bias, "v_proj")(h_BxLxD)
     q = q.reshape(b, l, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)

@@ -107,7 +107,7 @@ def trainable_paths(cfg: PeftConfig, base_paths: list[str], params: dict) -> set
   paths = list(tree.flatten(params))
   base = set(base_paths)
   if cfg.trainable:
-    chosen = tree.match(cfg.trainable, base_paths, "peft.trainable")
+    chosen = tree.match(cfg.trainable, base_paths, "peft.trainable (over base-model parameters)")
   else:
     chosen = set(base) if cfg.method == "none" else set()
   chosen |= {p for p in paths if p not in base}

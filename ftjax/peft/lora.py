@@ -3,7 +3,8 @@
 y = x·W + s·dropout(x)·A·B (+ bias), with A (in, r) random and B (r, out) zero, so a fresh
 adapter leaves the model unchanged; s = alpha/r, or alpha/√r with rsLoRA. DoRA also trains a
 magnitude m per output feature: y = m/‖W + s·A·B‖ ⊙ (x·W + s·x·A·B) + bias, the norm taken per
-output column and treated as a constant in the backward pass (as in the paper and HF PEFT).
+output column and treated as a constant in the backward pass (as in the paper and HF PEFT;
+under dropout the formula is PEFT's, y = x·W + (m/n - 1)·x̃·W + m/n·s·x̃·A·B with x̃ dropped).
 
 Parameters sit beside the kernel they adapt: `layers_0/self_attn/q_proj/{lora_a,lora_b,
 lora_magnitude}`. The rank axis has no logical name, so it stays replicated on any mesh.
@@ -73,7 +74,11 @@ def apply(dense: nn.Module, x_NxI: jax.Array, kernel_IxO: jax.Array, y_NxO: jax.
                           nn.with_logical_partitioning(nn.initializers.ones, dense.axes[1:]),
                           (out_f,), dense.param_dtype)
   norm = jax.lax.stop_gradient(_column_norm(kernel_IxO, a, b, spec.lora_scale))
-  return (y_NxO + delta) * (magnitude / norm).astype(dense.dtype)
+  ratio = (magnitude / norm).astype(dense.dtype)
+  if x is x_NxI:
+    return (y_NxO + delta) * ratio
+  # With dropout, PEFT rescales the base path of the dropped input: x·W + (m/n - 1)·x̃·W + ...
+  return y_NxO + (ratio - 1) * jnp.dot(x, kernel_IxO.astype(dense.dtype)) + ratio * delta
 
 
 def _column_norm(kernel, a, b, s):
@@ -103,6 +108,23 @@ def merge(spec, flat: dict) -> dict:
   return out
 
 
+def unmerge(spec, merged: dict, adapters: dict) -> dict:
+  """The base kernels back from merged ones: W = W' - s·A·B (LoRA only).
+
+  A DoRA merge rescales each column by m/‖W + s·A·B‖, a norm the merged weights no longer
+  determine, so it is not inverted here: keep the unmerged parameters instead.
+  """
+  if spec.dora:
+    raise UserError("a DoRA merge cannot be undone from the merged weights; keep the unmerged "
+                    "parameters")
+  out = dict(merged)
+  for m in spec.lora_modules:
+    w = jnp.asarray(merged[f"{m}/kernel"], jnp.float32)
+    a, b = (jnp.asarray(adapters[f"{m}/{n}"], jnp.float32) for n in ("lora_a", "lora_b"))
+    out[f"{m}/kernel"] = (w - spec.lora_scale * a @ b).astype(merged[f"{m}/kernel"].dtype)
+  return out
+
+
 def to_peft(spec, flat: dict, hf_module: Callable[[str], str]) -> tuple[dict, dict]:
   """(adapter_config fields, tensors) in HF PEFT's layout: A (r, in), B (out, r)."""
   tensors = {}
@@ -122,23 +144,31 @@ def to_peft(spec, flat: dict, hf_module: Callable[[str], str]) -> tuple[dict, di
 
 
 def from_peft(adapter: dict, tensors: dict, to_module: Callable[[str], str],
-              where: str) -> tuple[dict, dict]:
-  """(peft.lora config fields, ftjax leaves) from a PEFT LoRA adapter."""
-  if adapter.get("fan_in_fan_out"):
-    raise UserError(f"{where}: fan_in_fan_out LoRA (Conv1D layers) is not supported here")
-  leaves, targets = {}, set()
-  suffixes = {".lora_A.weight": ("lora_a", True), ".lora_B.weight": ("lora_b", True),
-              ".lora_magnitude_vector": ("lora_magnitude", False)}
+              where: str) -> tuple[dict, dict, set[str]]:
+  """(peft.lora config fields, ftjax leaves, the tensor keys used) from a PEFT LoRA adapter."""
+  dora = bool(adapter.get("use_dora"))
+  suffixes = {".lora_A.weight": ("lora_a", True), ".lora_B.weight": ("lora_b", True)}
+  if dora:
+    suffixes[".lora_magnitude_vector"] = ("lora_magnitude", False)
+  leaves, targets, used = {}, set(), set()
   for key, value in tensors.items():
     for suffix, (leaf, transpose) in suffixes.items():
       if key.endswith(suffix):
         module = to_module(key[:-len(suffix)])
         leaves[f"{module}/{leaf}"] = value.T if transpose else value
         targets.add(module)
+        used.add(key)
   if not targets:
     raise UserError(f"{where}: a LORA adapter without lora_A/lora_B tensors")
-  fields = {"r": int(adapter["r"]), "alpha": float(adapter["lora_alpha"]),
-            "dropout": float(adapter.get("lora_dropout") or 0.0),
-            "rslora": bool(adapter.get("use_rslora")), "dora": bool(adapter.get("use_dora")),
-            "targets": [f"^{m}/kernel$" for m in sorted(targets)]}
-  return fields, leaves
+  for m in sorted(targets):
+    for _, (leaf, _) in suffixes.items():
+      if f"{m}/{leaf}" not in leaves:
+        raise UserError(f"{where}: module '{m}' has no {leaf} tensor")
+  try:
+    fields = {"r": int(adapter["r"]), "alpha": float(adapter["lora_alpha"]),
+              "dropout": float(adapter.get("lora_dropout") or 0.0),
+              "rslora": bool(adapter.get("use_rslora")), "dora": dora,
+              "targets": [f"^{m}/kernel$" for m in sorted(targets)]}
+  except (KeyError, TypeError, ValueError) as e:
+    raise UserError(f"{where}: adapter_config.json lacks a valid r / lora_alpha ({e!r})") from None
+  return fields, leaves, used
