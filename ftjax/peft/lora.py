@@ -104,7 +104,7 @@ def merge(spec, flat: dict) -> dict:
     merged = w + spec.lora_scale * a @ b
     if spec.dora:
       merged = merged * (flat[f"{m}/lora_magnitude"] / _column_norm(w, a, b, spec.lora_scale))
-    out[f"{m}/kernel"] = merged.astype(flat[f"{m}/kernel"].dtype)
+    out[f"{m}/kernel"] = merged  # fp32, even over a bf16 base: the delta is not rounded away
   return out
 
 
