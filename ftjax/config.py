@@ -76,10 +76,12 @@ class PeftConfig:
 class DataConfig:
   train: str = ""  # a local jsonl/json/csv/parquet file (or a saved datasets directory)
   eval: str = ""  # optional held-out file of the same format
-  format: Literal["text", "prompt_completion"] = "text"
+  format: Literal["text", "prompt_completion", "chat"] = "text"
   text_field: str = "text"
   prompt_field: str = "prompt"
   completion_field: str = "completion"
+  messages_field: str = "messages"  # chat: a list of {role, content}
+  assistant_turns: Literal["all", "last"] = "all"  # chat: which assistant turns are trained
   seq_len: int = 512
   truncation: Literal["truncate", "drop", "error"] = "truncate"
   add_eos: bool = True

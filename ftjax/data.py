@@ -2,7 +2,8 @@
 
 An example is a token sequence plus a per-token `loss_mask` (1 where the token is a training
 target). `text` trains on every token; `prompt_completion` only on the completion (and the EOS
-that ends it). Batches are a pure function of (seed, step): the order of epoch e is a permutation
+that ends it); `chat` renders `messages` with the tokenizer's chat template and trains on the
+assistant turns, each through its end-of-turn token. Batches are a pure function of (seed, step): the order of epoch e is a permutation
 seeded by (seed, e), so a resumed run sees exactly the batches an uninterrupted run would have.
 """
 
@@ -89,13 +90,61 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
   return n
 
 
-def tokenize(records: list[dict], cfg: DataConfig, tokenizer: Any, path: str) -> list[Example]:
-  """Turns records into examples with loss masks, applying the truncation policy.
+ROLES = ("system", "user", "assistant", "tool")
 
-  A prompt and its completion are tokenised together, as inference will see them; the completion
-  starts where that sequence leaves the prompt's own tokenisation (a token merged across the
-  boundary counts as completion).
+
+def _messages(record: dict, cfg: DataConfig, path: str, number: int) -> list[dict]:
+  messages = record.get(cfg.messages_field)
+  if not isinstance(messages, list) or not messages:
+    raise UserError(f"{path}: record {number} field '{cfg.messages_field}' is missing or not a "
+                    "non-empty list of messages")
+  for j, m in enumerate(messages, start=1):
+    if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+      raise UserError(f"{path}: record {number} message {j} needs a string 'content'")
+    if m.get("role") not in ROLES:
+      raise UserError(f"{path}: record {number} message {j} has unknown role {m.get('role')!r} "
+                      f"(known: {', '.join(ROLES)})")
+  if not any(m["role"] == "assistant" for m in messages):
+    raise UserError(f"{path}: record {number} has no assistant turn to train on")
+  return messages
+
+
+def _chat(messages: list[dict], tokenizer: Any, last_only: bool, where: str):
+  """Renders a conversation with the tokenizer's template; returns (tokens, mask, prompt_len).
+
+  Each assistant turn's text is what the template adds between the conversation so far with a
+  generation prompt and the conversation including that turn, up to and including its
+  end-of-turn marker (trailing whitespace after the marker is not trained). This needs no
+  `{% generation %}` tags, only a template that renders prefixes of a conversation as prefixes.
   """
+  render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                           add_generation_prompt=gen)
+  full = render(messages, False)
+  spans = []
+  for i, m in enumerate(messages):
+    if m["role"] != "assistant":
+      continue
+    prompt, upto = render(messages[:i], True), render(messages[:i + 1], False).rstrip()
+    if not (upto.startswith(prompt) and full.startswith(upto)):
+      raise UserError(f"{where}: the chat template does not render a conversation's prefixes "
+                      "as prefixes, so assistant turns cannot be located")
+    spans.append((len(prompt), len(upto)))
+  if last_only:
+    spans = spans[-1:]
+  enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+  tokens, offsets = enc["input_ids"], enc["offset_mapping"]
+  mask = [int(any(a <= lo < b for a, b in spans)) for lo, _ in offsets]
+  prompt_len = next(t for t, (lo, _) in enumerate(offsets) if lo >= spans[-1][0])
+  return tokens, mask, prompt_len
+
+
+def _encode(records: list[dict], cfg: DataConfig, tokenizer: Any, path: str):
+  """(tokens, loss mask, prompt length) per record, for the configured format."""
+  if cfg.format == "chat":
+    if not getattr(tokenizer, "chat_template", None):
+      raise UserError(f"{path}: data.format is chat, but the tokenizer has no chat template")
+    return [_chat(_messages(r, cfg, path, i + 1), tokenizer, cfg.assistant_turns == "last",
+                  f"{path}: record {i + 1}") for i, r in enumerate(records)]
   eos = tokenizer.eos_token_id
   if cfg.format == "text":
     texts = [_field(r, cfg.text_field, path, i + 1) for i, r in enumerate(records)]
@@ -106,12 +155,24 @@ def tokenize(records: list[dict], cfg: DataConfig, tokenizer: Any, path: str) ->
     full_ids = tokenizer([p + c for p, c in zip(prompts, completions)],
                          add_special_tokens=True)["input_ids"]
     prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-  examples, truncated, dropped = [], 0, 0
+  out = []
   for i, tokens in enumerate(full_ids):
     if cfg.add_eos and (not tokens or tokens[-1] != eos):
       tokens = tokens + [eos]
     start = _common_prefix(tokens, prompt_ids[i]) if prompt_ids is not None else 0
-    mask = [0] * start + [1] * (len(tokens) - start)
+    out.append((tokens, [0] * start + [1] * (len(tokens) - start), start))
+  return out
+
+
+def tokenize(records: list[dict], cfg: DataConfig, tokenizer: Any, path: str) -> list[Example]:
+  """Turns records into examples with loss masks, applying the truncation policy.
+
+  A prompt and its completion are tokenised together, as inference will see them; the completion
+  starts where that sequence leaves the prompt's own tokenisation (a token merged across the
+  boundary counts as completion). Chat records train on assistant turns (see `_chat`).
+  """
+  examples, truncated, dropped = [], 0, 0
+  for i, (tokens, mask, start) in enumerate(_encode(records, cfg, tokenizer, path)):
     if len(tokens) > cfg.seq_len:
       if cfg.truncation == "error":
         raise UserError(f"{path}: record {i + 1} has {len(tokens)} tokens, more than data.seq_len "
