@@ -2,7 +2,6 @@
 
 import pytest
 
-import tiny
 from ftjax import config, data, hf
 
 CONVERSATION = [
