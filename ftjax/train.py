@@ -98,7 +98,8 @@ def build_model(cfg: Config, tokenizer, skip_init_from: bool = False) -> Model:
 def evaluate(eval_fn, params, frozen, examples, cfg: Config, pad_id: int) -> dict:
   """Loss, perplexity and next-token accuracy over the eval examples."""
   totals = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
-  for batch in data.eval_batches(examples, cfg.eval.batch_size, cfg.data.seq_len, pad_id):
+  for batch in data.eval_batches(examples, cfg.eval.batch_size, cfg.data.seq_len, pad_id,
+                                 cfg.data.buckets):
     out = eval_fn(params, frozen, batch)
     for k in totals:
       totals[k] += float(out[k])
@@ -196,20 +197,30 @@ def run(cfg: Config) -> dict:
   cfg = copy.deepcopy(cfg)  # peft.init_from resolves fields in place
   out_dir = cfg.train.output_dir
   os.makedirs(out_dir, exist_ok=True)
-  dtype = compute_dtype(cfg.precision.compute)
 
-  # Cheap checks first: a bad model directory or data file fails before any weights load.
-  _, model_cfg, _, _ = hf.build(cfg.model.path, dtype)
+  # Cheap checks first: a bad model directory or data file fails before any weights load, and
+  # data is tokenised (perhaps in forked workers) before JAX starts its threads.
+  _, model_cfg, _, _ = hf.build(cfg.model.path)
   tokenizer = hf.load_tokenizer(cfg.model.path)
   pad_id = tokenizer.pad_token_id
-  train_examples = data.load(cfg.data.train, cfg.data, tokenizer)
-  eval_examples = data.load(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else []
+  if cfg.data.format == "classification":
+    raise UserError("data.format: classification needs a sequence-classification head, which "
+                    "ftjax.train does not have yet (python -m ftjax.data shows the data)")
+  loaded_data = data.load_splits(cfg.data, tokenizer)
+  train_examples = loaded_data.train.examples
+  eval_examples = loaded_data.eval.examples if loaded_data.eval else []
+  print(loaded_data.train.stats.describe("data.train", len(train_examples)))
+  if loaded_data.eval:
+    print(loaded_data.eval.stats.describe("data.eval", len(eval_examples)))
   if cfg.eval.max_examples:
     eval_examples = eval_examples[:cfg.eval.max_examples]
-  for path, examples in ((cfg.data.train, train_examples), (cfg.data.eval, eval_examples)):
-    data.check_vocab(examples, model_cfg.vocab_size, path)
+  data.check_vocab(train_examples + eval_examples, model_cfg.vocab_size)
   batches = data.Batches(train_examples, cfg.train.batch_size, cfg.data.seq_len, pad_id,
-                         cfg.train.seed)
+                         cfg.train.seed, packing=cfg.data.packing, buckets=cfg.data.buckets)
+  if cfg.data.packing:
+    print(f"packing: {len(train_examples)} examples in {len(batches.rows)} rows of "
+          f"{cfg.data.seq_len} tokens, {100 * batches.efficiency:.1f}% full")
+  dtype = compute_dtype(cfg.precision.compute)
   model = build_model(cfg, tokenizer)
   params, frozen = tree.split(model.params, model.trainable)
   n_train, n_total = tree.count(params), tree.count(model.params)
@@ -223,8 +234,8 @@ def run(cfg: Config) -> dict:
 
   ckpt = checkpoint.Checkpointer(out_dir, cfg.checkpoint.every, cfg.checkpoint.keep)
   start = ckpt.latest_step() or 0
-  data_meta = {"examples": len(train_examples), "batch_size": cfg.train.batch_size,
-               "seed": cfg.train.seed}
+  data_meta = {"examples": len(train_examples), "rows": len(batches.rows),
+               "batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
   shapes = {p: list(v.shape) for p, v in sorted(tree.flatten(params).items())}
   if start:
     meta = ckpt.meta(start)

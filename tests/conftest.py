@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -9,6 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Tokenised data and datasets' own arrow files go to a cache of this test session, not ~/.cache.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="ftjax-test-datasets-")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402

@@ -49,7 +49,8 @@ def test_chat_mask_trains_assistant_turns_through_end_of_turn(tokenizer, turns):
   assert ex.tokens.tolist() == want_tokens
   assert ex.loss_mask.tolist() == want_mask
   # the eval prompt ends with the generation prompt of the last assistant turn
-  assert tokenizer.decode(ex.tokens[:ex.prompt_len]).endswith("2+2?<|im_end|>\n<|im_start|>assistant\n")
+  assert tokenizer.decode(ex.tokens[:ex.prompt_len]).endswith(
+      "2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize("record,needle", [

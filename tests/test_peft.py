@@ -164,10 +164,12 @@ def test_peft_export_loads_in_hf_peft_with_the_runs_eval_loss(name, runs, tiny_l
   tensors = load_file(os.path.join(out, "adapter_model.safetensors"))
   if name == "lora":
     assert adapter["modules_to_save"] == ["model.norm"]
-    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, 64)
+    q_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert tensors[q_a].shape == (8, 64)
     assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (64, 8)
   if name == "prompt":
-    assert adapter["modules_to_save"] == ["model.norm"] and "base_model.model.norm.weight" in tensors
+    assert adapter["modules_to_save"] == ["model.norm"]
+    assert "base_model.model.norm.weight" in tensors
   if name == "prefix":
     assert adapter["prefix_projection"] is False and tensors["prompt_embeddings"].shape == (6, 128)
   pm = hf_peft.PeftModel.from_pretrained(

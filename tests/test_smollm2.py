@@ -20,7 +20,8 @@ def models(smollm2_dir):
 
 def test_logits_match_transformers(models):
   ours, tokenizer, theirs = models
-  ids = np.asarray([tokenizer("The capital of France is Paris, and the capital of Italy is").input_ids])
+  text = "The capital of France is Paris, and the capital of Italy is"
+  ids = np.asarray([tokenizer(text).input_ids])
   n = ids.shape[1]
   logits, _ = jax.jit(ours.module.apply)({"params": ours.params}, jnp.asarray(ids),
                                          jnp.arange(n)[None], jnp.ones((1, n), jnp.int32))

@@ -50,7 +50,8 @@ def _torch_reference(model_dir, cfg, steps):
   for s in range(steps):
     b = {k: torch.tensor(v, dtype=torch.long) for k, v in batches.get(s).items()}
     logits = model(b["tokens"], attention_mask=b["segment_ids"], position_ids=b["positions"]).logits
-    weights = (b["loss_mask"][:, 1:] * (b["segment_ids"][:, 1:] == b["segment_ids"][:, :-1])).float()
+    same = b["segment_ids"][:, 1:] == b["segment_ids"][:, :-1]
+    weights = (b["loss_mask"][:, 1:] * same).float()
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), b["tokens"][:, 1:],
                                             reduction="none")
     loss = (nll * weights).sum() / weights.sum()
@@ -100,12 +101,12 @@ def test_prompt_completion_mask_and_vocab_check(tiny_llama_dir, tmp_path):
   records = [{"prompt": "reverse these words: fox dog ->", "completion": " dog fox"}]
   (ex,) = data.tokenize(records, cfg.data, tokenizer, "mem")
   prompt_len = len(tokenizer(records[0]["prompt"]).input_ids)
-  assert ex.tokens.tolist() == tokenizer(records[0]["prompt"] + records[0]["completion"]).input_ids + [
-      tokenizer.eos_token_id]
+  joint = tokenizer(records[0]["prompt"] + records[0]["completion"]).input_ids
+  assert ex.tokens.tolist() == joint + [tokenizer.eos_token_id]
   assert ex.loss_mask.tolist() == [0] * prompt_len + [1] * (len(ex.tokens) - prompt_len)
   assert tokenizer.decode(ex.tokens[ex.loss_mask == 1]) == " dog fox</s>"
   with pytest.raises(config.UserError, match="outside the model's vocabulary of 100"):
-    data.check_vocab([ex], 100, "mem")
+    data.check_vocab([ex], 100)
 
 
 def test_grad_accumulation_equals_one_big_batch(tiny_llama_dir, reverse_data, tmp_path):

@@ -1,4 +1,4 @@
-"""Tiny random HF models with a small tokenizer, built locally with `transformers` (no downloads)."""
+"""Tiny random HF models with a small tokenizer, built with `transformers` (no downloads)."""
 
 from __future__ import annotations
 

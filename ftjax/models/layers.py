@@ -125,18 +125,20 @@ def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Arr
   return (x * cos + rotated * sin).astype(x_BxLxHxD.dtype)
 
 
-def attention_mask(q_index_L: jax.Array, k_index_S: jax.Array, q_seg_BxL: jax.Array,
+def attention_mask(q_index: jax.Array, k_index: jax.Array, q_seg_BxL: jax.Array,
                    k_seg_BxS: jax.Array, sliding_window: Optional[int] = None) -> jax.Array:
-  """Boolean (B, 1, L, S) mask: causal by buffer index, never across segments.
+  """Boolean (B, 1, L, S) mask: causal by index, never across segments.
 
-  Segment ids separate packed examples and padding (id 0): a query sees only keys of its own
-  segment at or before its own index, so padding and packing are exact.
+  Indices are (L,)/(S,) buffer indices shared by the batch, or (B, L)/(B, S) per row. Segment ids
+  separate packed examples and padding (id 0): a query sees only keys of its own segment at or
+  before its own index, so padding and packing are exact.
   """
-  causal = k_index_S[None, :] <= q_index_L[:, None]
+  q, k = jnp.atleast_2d(q_index)[:, :, None], jnp.atleast_2d(k_index)[:, None, :]
+  causal = k <= q
   if sliding_window:
-    causal &= k_index_S[None, :] > q_index_L[:, None] - sliding_window
+    causal &= k > q - sliding_window
   same = q_seg_BxL[:, :, None] == k_seg_BxS[:, None, :]
-  return (causal[None] & same)[:, None]
+  return (causal & same)[:, None]
 
 
 def dot_product_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,

@@ -233,10 +233,12 @@ class Llama(nn.Module):
       prefixes = Prefix(spec.prefix_len, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                         spec.prefix_hidden, self.dtype, name="prefix")()
       # Prefix slots are cache positions 0..m-1 before the real tokens, as HF holds them: every
-      # real query sees them, except where a sliding window has moved past.
+      # real query sees them, except where a sliding window has moved past (counted from the
+      # query's position in its own example when packed; from its buffer index when decoding).
       m = spec.prefix_len
+      q_at = q_index + m if cache is not None else positions_BxL
       masks = {w: jnp.concatenate([layers.attention_mask(
-          q_index + m, jnp.arange(m), segment_ids_BxL > 0, jnp.ones((1, m), bool), w), mask], -1)
+          q_at, jnp.arange(m), segment_ids_BxL > 0, jnp.ones((1, m), bool), w), mask], -1)
                for w, mask in masks.items()}
 
     new_layers = []

@@ -1,0 +1,150 @@
+"""Batches: examples collated into rows, padded to a bucket length, in a seeded order.
+
+A row holds one example, or several when packing: each keeps its own segment id and positions
+that restart at 0, so attention never crosses examples and no example's first token is trained
+on its neighbour's last (see `step.token_losses`). Batch `s` is a pure function of (seed, s): the
+rows of epoch e are permuted by a generator seeded with (seed, e), so a resumed run, or another
+process, computes exactly the batches an uninterrupted single process would.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+import numpy as np
+
+from ftjax.config import UserError
+
+
+@dataclasses.dataclass
+class Example:
+  tokens: np.ndarray  # (n,) int32
+  loss_mask: np.ndarray  # (n,) 1 where the token is a training target
+  prompt_len: int = 0  # tokens before the first target (the generation prompt)
+  label: int = -1  # classification: the label id
+  where: str = ""  # the file and record it came from
+
+
+def bucket_lengths(seq_len: int, buckets: int) -> list[int]:
+  """seq_len and its halves (rounded up to multiples of 8), `buckets` lengths at most."""
+  lengths = {seq_len}
+  for k in range(1, buckets):
+    n = -(-seq_len // 2**k)
+    lengths.add(min(seq_len, -(-n // 8) * 8))
+  return sorted(lengths)
+
+
+def fit(length: int, lengths: list[int]) -> int:
+  return lengths[min(bisect.bisect_left(lengths, length), len(lengths) - 1)]
+
+
+def collate(rows: list[list[Example]], length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Rows of examples, right-padded to `length`: tokens, positions, segment_ids (0 = padding),
+  loss_mask, and `labels` (-1 for empty rows) when the examples are labelled."""
+  b = len(rows)
+  batch = {
+      "tokens": np.full((b, length), pad_id, np.int32),
+      "positions": np.zeros((b, length), np.int32),
+      "segment_ids": np.zeros((b, length), np.int32),
+      "loss_mask": np.zeros((b, length), np.int32),
+  }
+  labelled = any(ex.label >= 0 for row in rows for ex in row)
+  if labelled:
+    batch["labels"] = np.full((b,), -1, np.int32)
+  for i, row in enumerate(rows):
+    at = 0
+    for seg, ex in enumerate(row, start=1):
+      n = len(ex.tokens)
+      batch["tokens"][i, at:at + n] = ex.tokens
+      batch["positions"][i, at:at + n] = np.arange(n)
+      batch["segment_ids"][i, at:at + n] = seg
+      batch["loss_mask"][i, at:at + n] = ex.loss_mask
+      at += n
+    if labelled and row:
+      batch["labels"][i] = row[0].label
+  return batch
+
+
+def pack(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
+  """Best-fit decreasing: example indices grouped into rows of at most `seq_len` tokens."""
+  rows: list[list[int]] = []
+  free: list[tuple[int, int]] = []  # (space left, row), sorted
+  for i in np.argsort(-np.asarray(lengths), kind="stable"):
+    n = int(lengths[i])
+    j = bisect.bisect_left(free, (n, -1))
+    if j < len(free):
+      space, r = free.pop(j)
+    else:
+      space, r = seq_len, len(rows)
+      rows.append([])
+    rows[r].append(int(i))
+    if space - n > 0:
+      bisect.insort(free, (space - n, r))
+  return [sorted(r) for r in rows]
+
+
+class Batches:
+  """Global training batches, epoch after epoch, each epoch's rows freshly shuffled.
+
+  `get(step)` returns this process's share: rows [p * b/P, (p+1) * b/P) of the global batch of
+  b rows, padded to the bucket that fits the whole global batch, so every process agrees on the
+  shape without communicating.
+  """
+
+  def __init__(self, examples: list[Example], batch_size: int, seq_len: int, pad_id: int,
+               seed: int, what: str = "data.train", *, packing: bool = False, buckets: int = 1,
+               process_index: int = 0, process_count: int = 1):
+    self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
+    self.pad_id, self.seed, self.lengths = pad_id, seed, bucket_lengths(seq_len, buckets)
+    sizes = np.array([len(ex.tokens) for ex in examples], np.int64)
+    self.rows = pack(sizes, seq_len) if packing else [[i] for i in range(len(examples))]
+    self.row_tokens = np.array([sizes[r].sum() for r in self.rows], np.int64)
+    if len(self.rows) < batch_size:
+      rows = f"{len(self.rows)} packed rows" if packing else f"{len(examples)} examples"
+      raise UserError(f"{what} has {rows}, fewer than one batch (train.batch_size={batch_size})")
+    if batch_size % process_count:
+      raise UserError(f"train.batch_size ({batch_size}) must divide by the number of processes "
+                      f"({process_count})")
+    self.process_index, self.process_count = process_index, process_count
+    self.steps_per_epoch = len(self.rows) // batch_size
+    self._order: tuple = (None, None)
+
+  @property
+  def efficiency(self) -> float:
+    """Tokens over the row capacity (seq_len per row): how full the rows are."""
+    return float(self.row_tokens.sum()) / (len(self.rows) * self.seq_len)
+
+  def position(self, step: int) -> dict[str, int]:
+    """Where batch `step` (0-based) starts: its epoch and row index within the epoch's order."""
+    return {"epoch": step // self.steps_per_epoch,
+            "index": (step % self.steps_per_epoch) * self.batch_size}
+
+  def order(self, epoch: int) -> np.ndarray:
+    """The rows of `epoch` in their shuffled order (the last epoch's is kept)."""
+    if self._order[0] != epoch:
+      self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.rows)))
+    return self._order[1]
+
+  def global_rows(self, step: int) -> np.ndarray:
+    """Row indices of the global batch `step`."""
+    pos = self.position(step)
+    return self.order(pos["epoch"])[pos["index"]:pos["index"] + self.batch_size]
+
+  def get(self, step: int) -> dict[str, np.ndarray]:
+    chosen = self.global_rows(step)
+    length = fit(int(self.row_tokens[chosen].max()), self.lengths)
+    share = self.batch_size // self.process_count
+    mine = chosen[self.process_index * share:(self.process_index + 1) * share]
+    return collate([[self.examples[i] for i in self.rows[r]] for r in mine], length, self.pad_id)
+
+
+def eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id: int,
+                 buckets: int = 1):
+  """The eval set in order, one example per row, in batches of `batch_size` rows (the last one
+  filled with empty rows, so each bucket compiles once)."""
+  lengths = bucket_lengths(seq_len, buckets)
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    length = fit(max(len(ex.tokens) for ex in chunk), lengths)
+    yield collate([[ex] for ex in chunk] + [[]] * (batch_size - len(chunk)), length, pad_id)
