@@ -1,6 +1,7 @@
 """Orbax checkpoints of a run: the train state plus JSON metadata (data position, step).
 
-Checkpoints live in `<output_dir>/checkpoints/<step>`. Orbax writes each one to a temporary
+Checkpoints live in `<output_dir>/checkpoints/<step>` (and, under early stopping, the best
+parameters in `<output_dir>/best/<step>`). Orbax writes each one to a temporary
 directory and renames it when complete, so a kill mid-write leaves the previous checkpoint as
 the latest usable one. Restoring onto the abstract structure of a freshly built state keeps
 optax's state types and the target shardings.
@@ -18,10 +19,11 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """Saves every `every` steps (and when forced), keeps the newest `keep`."""
 
-  def __init__(self, output_dir: str, every: int, keep: int, read_only: bool = False):
+  def __init__(self, output_dir: str, every: int, keep: int, read_only: bool = False,
+               name: str = "checkpoints"):
     self.every = every
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(output_dir, "checkpoints")),
+        os.path.abspath(os.path.join(output_dir, name)),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                              read_only=read_only),
         item_names=("state", "meta"))

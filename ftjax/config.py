@@ -9,6 +9,7 @@ as YAML scalars (`train.steps=20`, `optim.lr=3e-4`, `data.packing=true`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -98,33 +99,50 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class LrGroup:
+  pattern: str = ""  # a regex over parameter paths; the first group that matches a leaf wins
+  lr: float = 0.0  # its peak learning rate (the schedule's shape is shared)
+
+
+@dataclasses.dataclass
 class OptimConfig:
-  name: Literal["adamw"] = "adamw"
+  name: Literal["adamw", "adam", "lion", "sgd", "adafactor"] = "adamw"
   lr: float = 1e-4
-  schedule: Literal["cosine", "linear", "constant"] = "cosine"
+  schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
   warmup_steps: int = 0
   min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
-  weight_decay: float = 0.0
+  decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays (linearly)
+  weight_decay: float = 0.0  # decoupled (adam: L2 added to the gradient, as torch.optim.Adam)
   # Leaves whose path matches one of these regexes get no weight decay.
   no_decay: list[str] = dataclasses.field(
       default_factory=lambda: [r"bias$", r"norm", r"embed_tokens"])
-  b1: float = 0.9
-  b2: float = 0.999
+  b1: float = 0.9  # adam/adamw/lion
+  b2: float = 0.999  # adam/adamw/lion (Lion's paper uses 0.99)
   eps: float = 1e-8
+  momentum: float = 0.0  # sgd
+  nesterov: bool = False  # sgd
   clip_norm: float = 1.0  # 0 turns clipping off
+  lr_groups: list[LrGroup] = dataclasses.field(default_factory=list)  # per-group peak lr
+  layer_decay: float = 1.0  # layer-wise lr decay: layer i of n gets lr * layer_decay^(n - i)
+  loraplus_ratio: float = 0.0  # LoRA+: lora_b learns this many times faster (0: off)
 
 
 @dataclasses.dataclass
 class PrecisionConfig:
   # auto = bf16 on GPU/TPU, fp32 on CPU (where XLA upcasts bf16 matmuls and gains no speed).
-  compute: Literal["auto", "fp32", "bf16"] = "auto"
+  compute: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+  loss_scale: float = 32768.0  # fp16: the initial dynamic loss scale
+  loss_scale_period: int = 1000  # fp16: finite steps before the scale doubles
 
 
 @dataclasses.dataclass
 class TrainConfig:
   steps: int = 100
+  epochs: float = 0.0  # > 0: train this many epochs of data.train instead of train.steps
   batch_size: int = 8  # sequences per optimizer step (all micro-batches together)
   grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+  remat: Literal["none", "full", "dots"] = "none"  # recompute layer activations in backward
+  max_bad_steps: int = 10  # stop after this many consecutive steps with non-finite gradients
   seed: int = 0
   output_dir: str = "runs/default"
   log_every: int = 1
@@ -138,6 +156,8 @@ class EvalConfig:
   max_examples: int = 0  # 0: the whole eval set
   samples: int = 0  # greedy generations printed for this many eval prompts
   max_new_tokens: int = 32
+  patience: int = 0  # early stopping: evals without improvement before stopping (0: off)
+  min_delta: float = 0.0  # early stopping: the eval loss must fall by more than this
 
 
 @dataclasses.dataclass
@@ -183,6 +203,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
       raise UserError(f"{key}: expected a list, got {value!r}")
     (item,) = typing.get_args(tp)
     return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+  if dataclasses.is_dataclass(tp):
+    return _build(tp, value, key)
   if tp is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
   if tp is float and isinstance(value, str):
@@ -205,7 +227,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
   for key in data:
     if key not in names:
       where = f"{prefix}.{key}" if prefix else str(key)
-      raise UserError(f"unknown key '{where}' (known: {', '.join(sorted(names))})")
+      close = difflib.get_close_matches(str(key), names, n=1)
+      hint = f"did you mean '{close[0]}'? " if close else ""
+      raise UserError(f"unknown key '{where}' ({hint}known: {', '.join(sorted(names))})")
   kwargs = {}
   for f in dataclasses.fields(cls):
     if f.name not in data:
@@ -243,6 +267,18 @@ def _validate(cfg: Config) -> None:
       (cfg.optim.lr > 0, "optim.lr must be > 0"),
       (0 <= cfg.optim.b1 < 1 and 0 <= cfg.optim.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)"),
       (cfg.optim.eps > 0, "optim.eps must be > 0"),
+      (0 <= cfg.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
+      (0 < cfg.optim.decay_fraction <= 1, "optim.decay_fraction must be in (0, 1]"),
+      (0 < cfg.optim.layer_decay <= 1, "optim.layer_decay must be in (0, 1]"),
+      (cfg.optim.loraplus_ratio >= 0, "optim.loraplus_ratio must be >= 0"),
+      (all(g.pattern and g.lr > 0 for g in cfg.optim.lr_groups),
+       "optim.lr_groups: each group needs a pattern and an lr > 0"),
+      (cfg.precision.loss_scale >= 1, "precision.loss_scale must be >= 1"),
+      (cfg.precision.loss_scale_period >= 1, "precision.loss_scale_period must be >= 1"),
+      (cfg.train.epochs >= 0, "train.epochs must be >= 0"),
+      (cfg.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+      (cfg.eval.patience >= 0, "eval.patience must be >= 0"),
+      (cfg.eval.min_delta >= 0, "eval.min_delta must be >= 0"),
       (cfg.train.seed >= 0, "train.seed must be >= 0"),
       (cfg.eval.samples >= 0, "eval.samples must be >= 0"),
       (cfg.eval.max_examples >= 0, "eval.max_examples must be >= 0"),

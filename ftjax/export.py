@@ -18,9 +18,10 @@ from ftjax.config import UserError
 from ftjax.peft import hf_adapter
 
 
-def export(run_dir: str, to: str, out_dir: str, step: Optional[int] = None,
+def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None,
            model_path: Optional[str] = None, dtype: str = "auto") -> str:
-  """Exports checkpoint `step` (default: the newest) of a run; returns `out_dir`."""
+  """Exports checkpoint `step` (default: the newest; "best": the best under early stopping) of
+  a run; returns `out_dir`."""
   config_file = os.path.join(run_dir, "config.yaml")
   if not os.path.isfile(config_file):
     raise UserError(f"--run: {run_dir} is not an ftjax run directory (no config.yaml)")
@@ -37,9 +38,13 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int] = None,
     raise UserError(f"cannot export peft.method {cfg.peft.method} --to peft: {why}")
   if to == "hf" and peft.merge_refusal(cfg.peft.method):
     raise UserError(f"cannot export --to hf: {peft.merge_refusal(cfg.peft.method)}")
-  ckpt = checkpoint.Checkpointer(run_dir, 0, 1, read_only=True)
+  best = step == "best"
+  if best and not os.path.isdir(os.path.join(run_dir, "best")):
+    raise UserError(f"--step best: {run_dir} kept no best checkpoint (it needs eval.patience)")
+  ckpt = checkpoint.Checkpointer(run_dir, 0, 1, read_only=True,
+                                 name="best" if best else "checkpoints")
   try:
-    step = step if step is not None else ckpt.latest_step()
+    step = ckpt.latest_step() if step is None or best else int(step)
     if step is None:
       raise UserError(f"--run: {run_dir} has no checkpoint to export")
     if step not in ckpt.manager.all_steps():
@@ -68,13 +73,23 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int] = None,
   return out_dir
 
 
+def _step_arg(text: str) -> int | str:
+  if text == "best":
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a step number or 'best', got {text!r}") from None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m ftjax.export",
                                    description="Export a run as an HF PEFT adapter or HF model.")
   parser.add_argument("--run", required=True, help="the run directory (train.output_dir)")
   parser.add_argument("--to", required=True, choices=("peft", "hf"))
   parser.add_argument("--out", required=True, help="the directory to write")
-  parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+  parser.add_argument("--step", type=_step_arg,
+                      help="checkpoint step, or 'best' (early stopping's best; default: newest)")
   parser.add_argument("--model", help="base model directory, if it moved since training")
   parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                       help="--to hf weight dtype (auto: the base model's)")

@@ -1,14 +1,26 @@
-"""The Optax chain built from the `optim` config: schedule, clipping, optimizer, decoupled decay.
+"""The Optax chain built from the `optim` config.
 
-Weight decay is decoupled (AdamW: p -= lr * wd * p) and masked: leaves whose path matches an
-`optim.no_decay` regex (norms, biases, embeddings by default) are not decayed. The schedule is a
-pure function of the step, so the learning rate logged for a step is the one its update used.
+    clip by global norm -> optimizer direction (adam / lion / sgd / adafactor)
+      -> decoupled, masked weight decay -> -lr(step) -> per-leaf lr multipliers
+
+Weight decay is decoupled (p -= lr * wd * p, as torch's AdamW) and masked: leaves whose path
+matches an `optim.no_decay` regex (norms, biases, embeddings by default) are not decayed. `adam`
+adds the decay to the gradient instead (L2, as torch's Adam). The schedule is a pure function of
+the step, so the learning rate logged for a step is the one its update used.
+
+Per-leaf multipliers give layer-wise learning rates: `lr_groups` (regex -> peak lr), a per-layer
+decay (layer i of n gets lr * layer_decay^(n - i); embeddings one step below layer 0, the final
+norm and head at full lr) and LoRA+ (lora_b at lr * loraplus_ratio). All of them scale the one
+schedule, and the weight decay with it, as torch's parameter groups do.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from ftjax import tree
@@ -16,13 +28,19 @@ from ftjax.config import OptimConfig
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr`, then cosine or linear decay to `lr * min_lr_ratio` (or flat)."""
+  """Linear warmup from 0 to `lr`, then cosine / linear decay to `lr * min_lr_ratio`, a constant,
+  or warmup-stable-decay (flat, then linear decay over the last `decay_fraction` of the steps)."""
   decay_steps = max(total_steps - cfg.warmup_steps, 1)
   end = cfg.lr * cfg.min_lr_ratio
   if cfg.schedule == "cosine":
     main = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
   elif cfg.schedule == "linear":
     main = optax.linear_schedule(cfg.lr, end, decay_steps)
+  elif cfg.schedule == "wsd":
+    tail = max(round(total_steps * cfg.decay_fraction), 1)
+    stable = max(decay_steps - tail, 0)
+    main = optax.join_schedules([optax.constant_schedule(cfg.lr),
+                                 optax.linear_schedule(cfg.lr, end, tail)], [stable])
   else:
     main = optax.constant_schedule(cfg.lr)
   if cfg.warmup_steps == 0:
@@ -38,13 +56,55 @@ def decay_mask(cfg: OptimConfig, params: dict) -> dict:
   return tree.mask(params, paths - exempt)
 
 
-def build(cfg: OptimConfig, total_steps: int, params: dict
+def _depth(path: str, num_layers: int) -> int:
+  """0 for embeddings, i + 1 for layer i, num_layers + 1 for what follows (final norm, head)."""
+  found = re.search(r"(?:^|/)layers_(\d+)/", path)
+  if found:
+    return int(found.group(1)) + 1
+  return 0 if "embed" in path else num_layers + 1
+
+
+def lr_multipliers(cfg: OptimConfig, paths: list[str], num_layers: int) -> dict[str, float]:
+  """Each trainable leaf's learning rate relative to `optim.lr` (see the module docstring)."""
+  groups = [(re.compile(g.pattern), g.lr / cfg.lr) for g in cfg.lr_groups]
+  out = {}
+  for path in paths:
+    m = next((scale for pattern, scale in groups if pattern.search(path)), 1.0)
+    m *= cfg.layer_decay ** (num_layers + 1 - _depth(path, num_layers))
+    if cfg.loraplus_ratio and path.endswith("lora_b"):
+      m *= cfg.loraplus_ratio
+    out[path] = m
+  return out
+
+
+def _direction(cfg: OptimConfig, decay: optax.GradientTransformation
+               ) -> list[optax.GradientTransformation]:
+  if cfg.name == "adamw":
+    return [optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps), decay]
+  if cfg.name == "adam":  # L2: the decay joins the gradient before the moments
+    return [decay, optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)]
+  if cfg.name == "lion":
+    return [optax.scale_by_lion(cfg.b1, cfg.b2), decay]
+  if cfg.name == "sgd":
+    momentum = [optax.trace(cfg.momentum, cfg.nesterov)] if cfg.momentum else []
+    return momentum + [decay]
+  # adafactor: factored second moments with update clipping, at the configured lr (HF's
+  # Adafactor with relative_step=False and scale_parameter=False)
+  return [optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0), decay]
+
+
+def build(cfg: OptimConfig, total_steps: int, params: dict, num_layers: int = 0
           ) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
   """Returns (the gradient transformation for `params`, the learning-rate schedule)."""
   lr = schedule(cfg, total_steps)
-  parts = []
-  if cfg.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-  parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                           mask=decay_mask(cfg, params)))
+  flat = tree.flatten(params)
+  decay = optax.add_decayed_weights(cfg.weight_decay, decay_mask(cfg, params)) \
+      if cfg.weight_decay else optax.identity()
+  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+  parts += _direction(cfg, decay)
+  parts.append(optax.scale_by_learning_rate(lr))
+  scales = lr_multipliers(cfg, list(flat), num_layers)
+  if any(m != 1.0 for m in scales.values()):
+    factors = tree.unflatten({p: jnp.float32(m) for p, m in scales.items()})
+    parts.append(optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, factors)))
   return optax.chain(*parts), lr

@@ -24,6 +24,18 @@ class TrainState:
   params: dict  # the trainable parameters (fp32 master copy)
   opt_state: Any
   rng: jax.Array  # dropout key of the run; each step and micro-batch folds in its index
+  loss_scale: jax.Array  # fp16: the dynamic loss scale (1 in other precisions)
+  good_steps: jax.Array  # fp16: finite steps since the loss scale last changed
+  skipped: jax.Array  # steps whose update was skipped for non-finite gradients, in all
+  bad_run: jax.Array  # consecutive skipped steps up to this one
+
+
+def init_state(params: dict, tx: optax.GradientTransformation, seed: int,
+               loss_scale: float = 1.0) -> TrainState:
+  zero = lambda: jnp.zeros((), jnp.int32)  # separate buffers: the train step donates each
+  return TrainState(step=zero(), params=params, opt_state=tx.init(params),
+                    rng=jax.random.PRNGKey(seed), loss_scale=jnp.full((), loss_scale, jnp.float32),
+                    good_steps=zero(), skipped=zero(), bad_run=zero())
 
 
 def token_losses(logits_BxLxV: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -44,35 +56,65 @@ def token_losses(logits_BxLxV: jax.Array, batch: dict) -> tuple[jax.Array, jax.A
 ApplyFn = Callable[..., jax.Array]  # (params, batch, dropout rng or None) -> logits
 
 
-def _loss_sum(params: dict, frozen: dict, batch: dict, rng: jax.Array, apply_fn: ApplyFn):
+def _scaled_loss_sum(params, frozen, batch, rng, scale, apply_fn):
   nll, weights, _ = token_losses(apply_fn(tree.merge(params, frozen), batch, rng), batch)
-  return nll.sum(), weights.sum()
+  return nll.sum() * scale, (nll.sum(), weights.sum())
 
 
-def train_step(state: TrainState, frozen: dict, batch: dict, *, apply_fn: ApplyFn,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-  """One optimizer step over a batch of shape (micro-batches, rows, length)."""
-  grad_fn = jax.value_and_grad(_loss_sum, has_aux=True)
-
-  step_rng = jax.random.fold_in(state.rng, state.step)
+def accumulate(params: dict, frozen: dict, batch: dict, rng: jax.Array, apply_fn: ApplyFn,
+               scale: jax.Array = 1.0) -> tuple[dict, jax.Array, jax.Array]:
+  """Gradients of `scale` x the summed token loss over micro-batches (a `lax.scan` over the
+  leading axis of `batch`), the summed loss and the number of trained tokens."""
+  grad_fn = jax.grad(_scaled_loss_sum, has_aux=True)
 
   def micro(carry, inputs):
     grads, loss, count = carry
     i, mb = inputs
-    (l, n), g = grad_fn(state.params, frozen, mb, jax.random.fold_in(step_rng, i), apply_fn)
+    g, (l, n) = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i), scale, apply_fn)
     return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
 
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
   accum = jax.tree.leaves(batch)[0].shape[0]
   (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0),
                                              (jnp.arange(accum), batch))
+  return grads, loss_sum, count
+
+
+def train_step(state: TrainState, frozen: dict, batch: dict, *, apply_fn: ApplyFn,
+               tx: optax.GradientTransformation, dynamic_scale: bool = False,
+               scale_period: int = 1000) -> tuple[TrainState, dict]:
+  """One optimizer step over a batch of shape (micro-batches, rows, length).
+
+  Gradients are divided by the trained tokens of the whole batch (and the loss scale). A step
+  whose gradients are not finite changes neither the parameters nor the optimizer state; it is
+  counted, and under fp16 (`dynamic_scale`) halves the loss scale, which doubles again after
+  `scale_period` finite steps.
+  """
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  grads, loss_sum, count = accumulate(state.params, frozen, batch, step_rng, apply_fn,
+                                      state.loss_scale)
   denom = jnp.maximum(count, 1.0)
-  grads = jax.tree.map(lambda g: g / denom, grads)
+  grads = jax.tree.map(lambda g: g / (denom * state.loss_scale), grads)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
-             "update_norm": optax.tree.norm(updates), "tokens": count}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+  loss_scale, good = state.loss_scale, state.good_steps
+  if dynamic_scale:
+    grow = finite & (good + 1 >= scale_period)
+    loss_scale = jnp.where(finite, jnp.where(grow, loss_scale * 2, loss_scale),
+                           jnp.maximum(loss_scale / 2, 1.0))
+    good = jnp.where(finite & ~grow, good + 1, 0)
+  bad = (~finite).astype(jnp.int32)
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                      loss_scale=loss_scale, good_steps=good, skipped=state.skipped + bad,
+                      bad_run=(state.bad_run + bad) * bad)
+  metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
+             "update_norm": jnp.where(finite, optax.tree.norm(updates), 0.0), "tokens": count,
+             "skipped": new.skipped, "bad_run": new.bad_run, "loss_scale": state.loss_scale}
+  return new, metrics
 
 
 def eval_step(params: dict, frozen: dict, batch: dict, *, apply_fn: ApplyFn) -> dict:

@@ -11,18 +11,17 @@ import argparse
 import copy
 import dataclasses
 import functools
-import json
+import math
 import os
 import re
 import sys
-import time
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import checkpoint, config, data, generate, hf, optim, peft, step, tree
+from ftjax import checkpoint, config, data, generate, hf, loop, metrics, optim, peft, step, tree
 from ftjax.peft import hf_adapter
 from ftjax.config import Config, UserError
 
@@ -30,7 +29,7 @@ from ftjax.config import Config, UserError
 def compute_dtype(name: str):
   if name == "auto":
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-  return {"fp32": jnp.float32, "bf16": jnp.bfloat16}[name]
+  return {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}[name]
 
 
 def _apply_fn(module):
@@ -73,7 +72,7 @@ def build_model(cfg: Config, tokenizer, skip_init_from: bool = False) -> Model:
   spec = peft.build_spec(cfg.peft, base_paths, loaded.config)
   peft.check_context(spec, cfg.data.seq_len, loaded.hf_config.get("max_position_embeddings"),
                      cfg.model.path)
-  module = loaded.module.clone(peft=spec)
+  module = loaded.module.clone(peft=spec, remat=cfg.train.remat)
   text_ids = None
   if spec.method == "prompt" and spec.prompt_init == "text":
     text_ids = tokenizer(cfg.peft.prompt.init_text)["input_ids"]  # as PEFT does (BOS included)
@@ -127,74 +126,9 @@ def exact_match(module, params: dict, examples, tokenizer, cfg: Config, show: in
   return hits / len(chosen)
 
 
-def _step_of(line: str) -> Optional[int]:
-  """The step of a metrics.jsonl line, or None for a line cut short by a kill."""
-  try:
-    return int(json.loads(line)["step"])
-  except (ValueError, KeyError, TypeError):
-    return None
-
-
-class MetricsLog:
-  """metrics.jsonl plus TensorBoard events; a resumed run drops records past its checkpoint."""
-
-  def __init__(self, output_dir: str, resume_step: int):
-    self.path = os.path.join(output_dir, "metrics.jsonl")
-    kept = []
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if (s := _step_of(line)) is not None and s <= resume_step]
-    with open(self.path, "w") as f:
-      f.writelines(kept)
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-
-    self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-
-  def write(self, record: dict) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    for k, v in record.items():
-      if k != "step":
-        self.tb.add_scalar(k, v, record["step"])
-
-  def close(self) -> None:
-    self.tb.close()
-
-
-def plot(output_dir: str) -> Optional[str]:
-  """Draws train/eval loss and the learning rate from metrics.jsonl into loss.png."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-  if not train:
-    return None
-  fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
-                                  gridspec_kw={"height_ratios": [3, 1]})
-  ax.plot(*zip(*train), label="train loss", lw=1)
-  if evals:
-    ax.plot(*zip(*evals), "o-", label="eval loss")
-  ax.set_ylabel("loss")
-  ax.legend()
-  ax.grid(alpha=0.3)
-  ax_lr.plot([r["step"] for r in records if "lr" in r], [r["lr"] for r in records if "lr" in r])
-  ax_lr.set_ylabel("lr")
-  ax_lr.set_xlabel("step")
-  ax_lr.grid(alpha=0.3)
-  path = os.path.join(output_dir, "loss.png")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
-
-
 def run(cfg: Config) -> dict:
   """Fine-tunes `cfg.model.path` on `cfg.data`; returns a summary (losses, eval, run dir)."""
-  cfg = copy.deepcopy(cfg)  # peft.init_from resolves fields in place
+  cfg = copy.deepcopy(cfg)  # peft.init_from and train.epochs resolve fields in place
   out_dir = cfg.train.output_dir
   os.makedirs(out_dir, exist_ok=True)
 
@@ -214,29 +148,46 @@ def run(cfg: Config) -> dict:
     print(loaded_data.eval.stats.describe("data.eval", len(eval_examples)))
   if cfg.eval.max_examples:
     eval_examples = eval_examples[:cfg.eval.max_examples]
+  if cfg.eval.patience and not eval_examples:
+    raise UserError("eval.patience (early stopping) needs an eval set: set data.eval or "
+                    "data.eval_fraction")
   data.check_vocab(train_examples + eval_examples, model_cfg.vocab_size)
   batches = data.Batches(train_examples, cfg.train.batch_size, cfg.data.seq_len, pad_id,
                          cfg.train.seed, packing=cfg.data.packing, buckets=cfg.data.buckets)
   if cfg.data.packing:
     print(f"packing: {len(train_examples)} examples in {len(batches.rows)} rows of "
           f"{cfg.data.seq_len} tokens, {100 * batches.efficiency:.1f}% full")
+  if cfg.train.epochs:
+    cfg.train.steps = max(1, math.ceil(cfg.train.epochs * batches.steps_per_epoch))
+    print(f"train.epochs {cfg.train.epochs} = {cfg.train.steps} steps "
+          f"({batches.steps_per_epoch} per epoch)")
   dtype = compute_dtype(cfg.precision.compute)
   model = build_model(cfg, tokenizer)
   params, frozen = tree.split(model.params, model.trainable)
   n_train, n_total = tree.count(params), tree.count(model.params)
   print(f"model {cfg.model.path}: {n_total / 1e6:.2f}M parameters, peft {cfg.peft.method}, "
         f"{n_train:,} trainable ({100 * n_train / n_total:.3g}%), compute "
-        f"{jnp.dtype(dtype).name}; {len(train_examples)} train / {len(eval_examples)} eval "
-        "examples")
-  tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, params)
-  state = step.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.PRNGKey(cfg.train.seed))
+        f"{jnp.dtype(dtype).name}, optimizer {cfg.optim.name}; {len(train_examples)} train / "
+        f"{len(eval_examples)} eval examples")
+  tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, params,
+                                model.loaded.config.num_layers)
+  fp16 = cfg.precision.compute == "fp16"
+  state = step.init_state(params, tx, cfg.train.seed, cfg.precision.loss_scale if fp16 else 1.0)
 
   ckpt = checkpoint.Checkpointer(out_dir, cfg.checkpoint.every, cfg.checkpoint.keep)
+  best = checkpoint.Checkpointer(out_dir, 0, 1, name="best") if cfg.eval.patience else None
+  early = loop.EarlyStop()
   start = ckpt.latest_step() or 0
   data_meta = {"examples": len(train_examples), "rows": len(batches.rows),
                "batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
   shapes = {p: list(v.shape) for p, v in sorted(tree.flatten(params).items())}
+  summary: dict[str, Any] = {"output_dir": out_dir, "start_step": start, "losses": {}}
+
+  def close():
+    ckpt.close()  # commits any checkpoint still being written, even on an error or Ctrl-C
+    if best:
+      best.close()
+
   if start:
     meta = ckpt.meta(start)
     saved = {k: meta["data"].get(k) for k in data_meta}
@@ -247,20 +198,26 @@ def run(cfg: Config) -> dict:
       problem = ("it trained other parameters (peft method, targets, rank or trainable "
                  "patterns differ from this config)")
     if problem:
-      ckpt.close()
+      close()
       raise UserError(f"{out_dir}: cannot resume step {start} exactly: {problem} "
                       "(use a new train.output_dir)")
     state, meta = ckpt.restore(start, state)
+    early = loop.EarlyStop(**meta.get("early", {}))
     print(f"resumed from step {start} (data epoch {meta['data']['epoch']}, "
           f"index {meta['data']['index']})")
+    if early.stopped:
+      close()
+      print(f"{out_dir} stopped early at step {start} (best step {early.best_step}); nothing to do")
+      return {**summary, "final_step": start, "stopped_early": start, "plot": None}
   config.dump(cfg, os.path.join(out_dir, "config.yaml"))
-  log = MetricsLog(out_dir, start)
+  log = metrics.MetricsLog(out_dir, start)
 
   apply_fn = _apply_fn(model.module)
-  train_fn = jax.jit(functools.partial(step.train_step, apply_fn=apply_fn, tx=tx),
+  train_fn = jax.jit(functools.partial(step.train_step, apply_fn=apply_fn, tx=tx,
+                                       dynamic_scale=fp16,
+                                       scale_period=cfg.precision.loss_scale_period),
                      donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=apply_fn))
-  summary: dict[str, Any] = {"output_dir": out_dir, "start_step": start, "losses": {}}
 
   def run_eval(label: str, at: int, params: dict) -> Optional[dict]:
     if not eval_examples:
@@ -277,64 +234,21 @@ def run(cfg: Config) -> dict:
     return result
 
   meta = lambda s: {"data": {**batches.position(s), **data_meta}, "step": s,
-                    "trainable": shapes}
+                    "trainable": shapes, "early": dataclasses.asdict(early)}
   try:
     if start < cfg.train.steps:
       summary["before"] = run_eval("before", start, state.params)
-    state = _loop(cfg, state, frozen, train_fn, batches, lr_schedule, ckpt, meta, log, run_eval,
-                  summary)
+    with loop.Signals() as signals:
+      state = loop.Loop(cfg, train_fn, frozen, batches, lr_schedule, ckpt, best, meta, log,
+                        run_eval, summary, early, signals).run(state)
     final = int(state.step)
     ckpt.save(final, state, meta(final), force=True)
   finally:
-    ckpt.close()  # commits any checkpoint still being written, even on an error or Ctrl-C
-  log.close()
-  summary["plot"] = plot(out_dir)
+    close()
+    log.close()
+  summary["plot"] = metrics.plot(out_dir)
   summary["final_step"] = final
   return summary
-
-
-def _loop(cfg, state, frozen, train_fn, batches, lr_schedule, ckpt, meta, log, run_eval, summary):
-  """Steps from the state's step to train.steps (or train.stop_after); returns the last state."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-  start, end = int(state.step), cfg.train.steps
-  if cfg.train.stop_after:
-    end = min(end, cfg.train.stop_after)
-  accum = cfg.train.grad_accum
-  bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-             disable=start >= end, mininterval=1.0)
-  window_tokens, window_start = 0.0, time.perf_counter()
-  for s in range(start, end):
-    batch = batches.get(s)
-    window_tokens += float(np.sum(batch["segment_ids"] > 0))
-    batch = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.items()}
-    state, metrics = train_fn(state, frozen, batch)
-    done = s + 1
-    record = None
-    if done % cfg.train.log_every == 0 or done == end:
-      metrics = jax.device_get(metrics)
-      record = {"step": done, "loss": float(metrics["loss"]), "lr": float(lr_schedule(s)),
-                "grad_norm": float(metrics["grad_norm"]),
-                "update_norm": float(metrics["update_norm"]),
-                "tokens_per_s": window_tokens / max(time.perf_counter() - window_start, 1e-9)}
-      summary["losses"][done] = record["loss"]
-      bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                      tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-    bar.update(1)
-    last = done == cfg.train.steps
-    if last or (cfg.eval.every and done % cfg.eval.every == 0):
-      result = run_eval("after" if last else "eval", done, state.params)
-      if last:
-        summary["after"] = result
-      if result:
-        record = record or {"step": done}
-        record.update({k: v for k, v in result.items() if k.startswith("eval_")})
-    if record:
-      log.write(record)
-      window_tokens, window_start = 0.0, time.perf_counter()
-    ckpt.save(done, state, meta(done))
-  bar.close()
-  return state
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -349,12 +263,19 @@ def main(argv: Optional[list[str]] = None) -> int:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except loop.Diverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   before, after = summary.get("before"), summary.get("after")
   if before and after:
     line = f"held-out eval loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
     if "exact_match" in after:
       line += f", exact match {before['exact_match']:.2f} -> {after['exact_match']:.2f}"
     print(line)
+  if summary.get("interrupted"):
+    print(f"interrupted at step {summary['final_step']}: checkpoint saved; run the same command "
+          "to resume")
+    return 128 + summary["interrupted"]
   print(f"done: step {summary['final_step']}, run directory {summary['output_dir']}")
   return 0
 

@@ -1,5 +1,6 @@
 """Config schema, every shipped config, and one-line errors for bad input from the CLI."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -112,6 +113,9 @@ def test_cli_bad_input_is_one_clear_line(case, capsys, tmp_path, tiny_llama_dir,
   assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+KNOWN_TRAIN_KEYS = [f.name for f in dataclasses.fields(config.TrainConfig)]
+
+
 def test_cli_entry_point_exit_code(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "ftjax.train", "--config",
                          os.path.join(REPO, "configs", "quickstart.yaml"), "train.stepz=1"],
@@ -119,4 +123,4 @@ def test_cli_entry_point_exit_code(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines() == [
       f"error: {os.path.join(REPO, 'configs', 'quickstart.yaml')}: unknown key 'train.stepz' "
-      "(known: batch_size, grad_accum, log_every, output_dir, seed, steps, stop_after)"]
+      f"(did you mean 'steps'? known: {', '.join(sorted(KNOWN_TRAIN_KEYS))})"]

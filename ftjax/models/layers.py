@@ -142,14 +142,19 @@ def attention_mask(q_index: jax.Array, k_index: jax.Array, q_seg_BxL: jax.Array,
 
 
 def dot_product_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
-                          mask_Bx1xLxS: jax.Array) -> jax.Array:
-  """Grouped-query attention: H query heads share K key/value heads (H % K == 0)."""
+                          mask_Bx1xLxS: jax.Array,
+                          dropout: Optional[Callable] = None) -> jax.Array:
+  """Grouped-query attention: H query heads share K key/value heads (H % K == 0); `dropout`,
+  when given, applies to the attention probabilities (training)."""
   b, l, h, d = q_BxLxHxD.shape
   kv = k_BxSxKxD.shape[2]
   q = q_BxLxHxD.reshape(b, l, kv, h // kv, d)
   scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxD,
                       preferred_element_type=jnp.float32) / math.sqrt(d)
   scores = jnp.where(mask_Bx1xLxS[:, :, None], scores, NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if dropout is not None:
+    probs = dropout(probs)
+  probs = probs.astype(v_BxSxKxD.dtype)
   out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxD)
   return out.reshape(b, l, h, d)

@@ -50,6 +50,7 @@ class LlamaConfig:
   o_bias: bool = False
   mlp_bias: bool = False
   sliding_windows: Optional[tuple] = None  # per layer: a window size or None
+  attention_dropout: float = 0.0  # on the attention probabilities, in training only
   family: str = "llama"
 
   @classmethod
@@ -79,6 +80,7 @@ class LlamaConfig:
         o_bias=family != "qwen2" and attention_bias,
         mlp_bias=hf.get("mlp_bias", False),
         sliding_windows=_sliding_windows(hf, family),
+        attention_dropout=float(hf.get("attention_dropout") or 0.0),
         family=family,
     )
 
@@ -146,7 +148,10 @@ class Attention(nn.Module):
     if prefix_kv is not None:  # prefix tuning: (2, m, kv_heads, head_dim), seen by every query
       pk, pv = (jnp.broadcast_to(x[None], (b, *x.shape)) for x in prefix_kv)
       k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
-    out = layers.dot_product_attention(q, k, v, mask)
+    dropout = None
+    if cfg.attention_dropout and self.has_rng("dropout"):  # training (HF: attention_dropout)
+      dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
+    out = layers.dot_product_attention(q, k, v, mask, dropout)
     out = dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(
         out.reshape(b, l, cfg.num_heads * cfg.head_dim))
     return out, kv_cache
@@ -190,6 +195,12 @@ class DecoderLayer(nn.Module):
     return h_BxLxD + ffn, kv_cache
 
 
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
 class Llama(nn.Module):
   """Decoder-only LM. `__call__` returns (logits_BxLxV in fp32, updated cache or None).
 
@@ -200,6 +211,7 @@ class Llama(nn.Module):
   cfg: LlamaConfig
   dtype: Any = jnp.float32
   peft: peft_lib.Spec = peft_lib.NONE
+  remat: str = "none"  # none | full | dots: recompute each layer's activations in backward
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: Optional[dict] = None,
@@ -241,11 +253,14 @@ class Llama(nn.Module):
           q_at, jnp.arange(m), segment_ids_BxL > 0, jnp.ones((1, m), bool), w), mask], -1)
                for w, mask in masks.items()}
 
+    layer_cls = DecoderLayer
+    if self.remat != "none":
+      layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat])
     new_layers = []
     for i in range(cfg.num_layers):
       window = cfg.sliding_windows[i] if cfg.sliding_windows else None
       kv = cache["layers"][i] if cache is not None else None
-      h, kv = DecoderLayer(cfg, self.dtype, spec, name=f"layers_{i}")(
+      h, kv = layer_cls(cfg, self.dtype, spec, name=f"layers_{i}")(
           h, positions_BxL, masks[window], kv, index,
           None if prefixes is None else prefixes[i])
       new_layers.append(kv)

@@ -1,0 +1,77 @@
+"""Run logs people look at: metrics.jsonl, TensorBoard events, and the loss-curve picture.
+
+`MetricsLog` appends one JSON object per logged step to metrics.jsonl and mirrors each number to
+TensorBoard; a resumed run first drops the records past its checkpoint (they will be redone).
+`plot` draws train/eval loss and the learning rate into loss.png at the end of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+
+def _step_of(line: str) -> Optional[int]:
+  """The step of a metrics.jsonl line, or None for a line cut short by a kill."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+class MetricsLog:
+  """metrics.jsonl plus TensorBoard events; a resumed run drops records past its checkpoint."""
+
+  def __init__(self, output_dir: str, resume_step: int):
+    self.path = os.path.join(output_dir, "metrics.jsonl")
+    kept = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if (s := _step_of(line)) is not None and s <= resume_step]
+    with open(self.path, "w") as f:
+      f.writelines(kept)
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
+    self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+  def write(self, record: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if k != "step":
+        self.tb.add_scalar(k, v, record["step"])
+
+  def close(self) -> None:
+    self.tb.close()
+
+
+def plot(output_dir: str) -> Optional[str]:
+  """Draws train/eval loss and the learning rate from metrics.jsonl into loss.png."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  if not train:
+    return None
+  fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+  ax.plot(*zip(*train), label="train loss", lw=1)
+  if evals:
+    ax.plot(*zip(*evals), "o-", label="eval loss")
+  ax.set_ylabel("loss")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  ax_lr.plot([r["step"] for r in records if "lr" in r], [r["lr"] for r in records if "lr" in r])
+  ax_lr.set_ylabel("lr")
+  ax_lr.set_xlabel("step")
+  ax_lr.grid(alpha=0.3)
+  path = os.path.join(output_dir, "loss.png")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
