@@ -167,6 +167,25 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class MeshConfig:
+  # Devices per mesh axis; -1: the devices left. data x fsdp x tensor must divide the devices.
+  data: int = 1  # batch split, parameters replicated
+  fsdp: int = 1  # batch split, parameters (and optimizer state) split along their embed axis
+  tensor: int = 1  # heads, FFN width and vocabulary split
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+  # Multi-process runs: jax.distributed starts when num_processes > 1, or by itself under a
+  # cluster it recognises (SLURM, Open MPI, ...) when `auto` is true.
+  coordinator: str = ""  # host:port of process 0
+  num_processes: int = 1
+  process_id: int = -1  # -1: from the cluster environment
+  auto: bool = True
+  timeout_s: int = 300  # how long to wait for the coordinator and the other processes
+
+
+@dataclasses.dataclass
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
@@ -176,6 +195,8 @@ class Config:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -279,6 +300,8 @@ def _validate(cfg: Config) -> None:
       (cfg.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
       (cfg.eval.patience >= 0, "eval.patience must be >= 0"),
       (cfg.eval.min_delta >= 0, "eval.min_delta must be >= 0"),
+      (cfg.distributed.num_processes >= 1, "distributed.num_processes must be >= 1"),
+      (cfg.distributed.timeout_s >= 1, "distributed.timeout_s must be >= 1"),
       (cfg.train.seed >= 0, "train.seed must be >= 0"),
       (cfg.eval.samples >= 0, "eval.samples must be >= 0"),
       (cfg.eval.max_examples >= 0, "eval.max_examples must be >= 0"),

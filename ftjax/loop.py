@@ -78,6 +78,7 @@ class EarlyStop:
 class Loop:
   cfg: Config
   train_fn: Callable
+  put: Callable[[dict], dict]  # host batch -> global device arrays
   frozen: dict
   batches: data.Batches
   lr_schedule: Callable
@@ -106,7 +107,7 @@ class Loop:
       for s in range(start, end):
         batch = self.batches.get(s)
         window_tokens += float(np.sum(batch["segment_ids"] > 0))
-        batch = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.items()}
+        batch = self.put({k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.items()})
         state, metrics = self.train_fn(state, self.frozen, batch)
         done = s + 1
         record = None

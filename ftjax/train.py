@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import checkpoint, config, data, generate, hf, loop, metrics, optim, peft, step, tree
+from ftjax import (checkpoint, config, data, generate, hf, loop, metrics, optim, peft, sharding,
+                   step, tree)
 from ftjax.peft import hf_adapter
 from ftjax.config import Config, UserError
 
@@ -153,7 +154,8 @@ def run(cfg: Config) -> dict:
                     "data.eval_fraction")
   data.check_vocab(train_examples + eval_examples, model_cfg.vocab_size)
   batches = data.Batches(train_examples, cfg.train.batch_size, cfg.data.seq_len, pad_id,
-                         cfg.train.seed, packing=cfg.data.packing, buckets=cfg.data.buckets)
+                         cfg.train.seed, packing=cfg.data.packing, buckets=cfg.data.buckets,
+                         process_index=jax.process_index(), process_count=jax.process_count())
   if cfg.data.packing:
     print(f"packing: {len(train_examples)} examples in {len(batches.rows)} rows of "
           f"{cfg.data.seq_len} tokens, {100 * batches.efficiency:.1f}% full")
@@ -162,8 +164,16 @@ def run(cfg: Config) -> dict:
     print(f"train.epochs {cfg.train.epochs} = {cfg.train.steps} steps "
           f"({batches.steps_per_epoch} per epoch)")
   dtype = compute_dtype(cfg.precision.compute)
+  mesh = sharding.make_mesh(cfg.mesh, model_cfg)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (cfg.train.batch_size // cfg.train.grad_accum) % shards:
+    raise UserError(f"train.batch_size / train.grad_accum ({cfg.train.batch_size} / "
+                    f"{cfg.train.grad_accum}) must divide by mesh data x fsdp ({shards})")
   model = build_model(cfg, tokenizer)
+  layout = sharding.param_shardings(model.module, model.params, mesh)
   params, frozen = tree.split(model.params, model.trainable)
+  params_sh, frozen_sh = tree.split(layout, model.trainable)
+  params, frozen = jax.device_put(params, params_sh), jax.device_put(frozen, frozen_sh)
   n_train, n_total = tree.count(params), tree.count(model.params)
   print(f"model {cfg.model.path}: {n_total / 1e6:.2f}M parameters, peft {cfg.peft.method}, "
         f"{n_train:,} trainable ({100 * n_train / n_total:.3g}%), compute "
@@ -173,6 +183,14 @@ def run(cfg: Config) -> dict:
                                 model.loaded.config.num_layers)
   fp16 = cfg.precision.compute == "fp16"
   state = step.init_state(params, tx, cfg.train.seed, cfg.precision.loss_scale if fp16 else 1.0)
+  state_sh = sharding.state_shardings(state, params_sh, tx, mesh)
+  state = jax.device_put(state, state_sh)
+  memory = {"params": sharding.device_bytes((state.params, frozen)),
+            "opt_state": sharding.device_bytes(state.opt_state),
+            "params_total": sum(x.nbytes for x in jax.tree.leaves((state.params, frozen))),
+            "opt_state_total": sum(x.nbytes for x in jax.tree.leaves(state.opt_state))}
+  print(f"{sharding.describe(mesh)}; per device: parameters {memory['params'] / 2**20:.1f} MB, "
+        f"optimizer state {memory['opt_state'] / 2**20:.1f} MB")
 
   ckpt = checkpoint.Checkpointer(out_dir, cfg.checkpoint.every, cfg.checkpoint.keep)
   best = checkpoint.Checkpointer(out_dir, 0, 1, name="best") if cfg.eval.patience else None
@@ -181,7 +199,8 @@ def run(cfg: Config) -> dict:
   data_meta = {"examples": len(train_examples), "rows": len(batches.rows),
                "batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
   shapes = {p: list(v.shape) for p, v in sorted(tree.flatten(params).items())}
-  summary: dict[str, Any] = {"output_dir": out_dir, "start_step": start, "losses": {}}
+  summary: dict[str, Any] = {"output_dir": out_dir, "start_step": start, "losses": {},
+                             "memory": memory}
 
   def close():
     ckpt.close()  # commits any checkpoint still being written, even on an error or Ctrl-C
@@ -213,11 +232,21 @@ def run(cfg: Config) -> dict:
   log = metrics.MetricsLog(out_dir, start)
 
   apply_fn = _apply_fn(model.module)
+  batch_sh = sharding.batch_sharding(mesh, 3)
   train_fn = jax.jit(functools.partial(step.train_step, apply_fn=apply_fn, tx=tx,
                                        dynamic_scale=fp16,
                                        scale_period=cfg.precision.loss_scale_period),
-                     donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=apply_fn))
+                     in_shardings=(state_sh, frozen_sh, batch_sh),
+                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  eval_sh = sharding.batch_sharding(mesh, 2) if cfg.eval.batch_size % shards == 0 \
+      else sharding.replicated(mesh)
+  eval_step = jax.jit(functools.partial(step.eval_step, apply_fn=apply_fn),
+                      in_shardings=(params_sh, frozen_sh, eval_sh))
+  def eval_fn(p, f, batch):
+    if eval_sh.spec and jax.process_count() > 1:  # this process's rows of the global batch
+      share = cfg.eval.batch_size // jax.process_count()
+      batch = {k: v[jax.process_index() * share:][:share] for k, v in batch.items()}
+    return eval_step(p, f, sharding.put_batch(batch, eval_sh))
 
   def run_eval(label: str, at: int, params: dict) -> Optional[dict]:
     if not eval_examples:
@@ -239,7 +268,8 @@ def run(cfg: Config) -> dict:
     if start < cfg.train.steps:
       summary["before"] = run_eval("before", start, state.params)
     with loop.Signals() as signals:
-      state = loop.Loop(cfg, train_fn, frozen, batches, lr_schedule, ckpt, best, meta, log,
+      put = lambda batch: sharding.put_batch(batch, batch_sh)
+      state = loop.Loop(cfg, train_fn, put, frozen, batches, lr_schedule, ckpt, best, meta, log,
                         run_eval, summary, early, signals).run(state)
     final = int(state.step)
     ckpt.save(final, state, meta(final), force=True)
