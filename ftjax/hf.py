@@ -14,7 +14,7 @@ import glob
 import json
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -166,38 +166,51 @@ def abstract_params(module: Any) -> dict:
   return tree.unbox(shapes["params"])
 
 
-def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32) -> LoadedModel:
+def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
+         shardings: Optional[dict] = None) -> LoadedModel:
   """Loads an HF model directory into an ftjax module and parameter tree.
 
   Args:
     model_dir: a local directory with config.json and safetensors weights.
     dtype: the compute dtype the module runs in.
     param_dtype: the dtype parameters are stored in.
+    shardings: {parameter path: jax.sharding.Sharding}; each tensor is then read straight into
+      its shards (each device's slice from the memory-mapped file), never whole on one device.
 
   Raises:
     UserError: for a directory that is not a supported model, or tensors that do not fit.
   """
   module, cfg, hf, family = build(model_dir, dtype)
   expected = tree.flatten(abstract_params(module))
-  loaded: dict[str, np.ndarray] = {}
-  for name, array in iter_tensors(model_dir):
-    mapped = hf_to_path(family.table, name)
-    if mapped is None:
-      if any(re.match(p, name) for p in IGNORED):
-        continue
-      raise UserError(f"{model_dir}: unexpected tensor '{name}' for {cfg.family}")
-    path, transpose = mapped
-    if path not in expected:
-      if path == "lm_head/kernel":
-        continue  # a tied checkpoint may still carry lm_head.weight
-      raise UserError(f"{model_dir}: tensor '{name}' has no place in this model's config")
-    if path in loaded:
-      raise UserError(f"{model_dir}: tensor '{name}' appears in more than one weight file")
-    array = array.T if transpose else array
-    if tuple(array.shape) != tuple(expected[path].shape):
-      raise UserError(f"{model_dir}: tensor '{name}' has shape {tuple(array.shape)}, "
-                      f"the config implies {tuple(expected[path].shape)}")
-    loaded[path] = jnp.asarray(array, dtype=param_dtype)
+  loaded: dict[str, Any] = {}
+  for file in _safetensors_files(model_dir):
+    with safe_open(file, framework="flax") as f:
+      for name in f.keys():
+        mapped = hf_to_path(family.table, name)
+        if mapped is None:
+          if any(re.match(p, name) for p in IGNORED):
+            continue
+          raise UserError(f"{model_dir}: unexpected tensor '{name}' for {cfg.family}")
+        path, transpose = mapped
+        if path not in expected:
+          if path == "lm_head/kernel":
+            continue  # a tied checkpoint may still carry lm_head.weight
+          raise UserError(f"{model_dir}: tensor '{name}' has no place in this model's config")
+        if path in loaded:
+          raise UserError(f"{model_dir}: tensor '{name}' appears in more than one weight file")
+        piece = f.get_slice(name)
+        shape = tuple(piece.get_shape())[::-1] if transpose else tuple(piece.get_shape())
+        if shape != tuple(expected[path].shape):
+          raise UserError(f"{model_dir}: tensor '{name}' has shape {tuple(piece.get_shape())}, "
+                          f"the config implies {tuple(expected[path].shape)}")
+        if shardings is None:
+          array = np.asarray(f.get_tensor(name))
+          loaded[path] = jnp.asarray(array.T if transpose else array, dtype=param_dtype)
+        else:
+          def read(index, piece=piece, transpose=transpose):
+            part = np.asarray(piece[index[::-1] if transpose else index])
+            return (part.T if transpose else part).astype(param_dtype)
+          loaded[path] = jax.make_array_from_callback(shape, shardings[path], read)
   missing = sorted(set(expected) - set(loaded))
   if missing:
     names = [path_to_hf(family.table, p)[0] for p in missing[:3]]

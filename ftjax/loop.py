@@ -101,7 +101,8 @@ class Loop:
       end = min(end, cfg.train.stop_after)
     accum = cfg.train.grad_accum
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
-               dynamic_ncols=True, disable=start >= end, mininterval=1.0)
+               dynamic_ncols=True, disable=start >= end or jax.process_index() != 0,
+               mininterval=1.0)
     window_tokens, window_start = 0.0, time.perf_counter()
     try:
       for s in range(start, end):

@@ -21,9 +21,13 @@ def _step_of(line: str) -> Optional[int]:
 
 
 class MetricsLog:
-  """metrics.jsonl plus TensorBoard events; a resumed run drops records past its checkpoint."""
+  """metrics.jsonl plus TensorBoard events; a resumed run drops records past its checkpoint.
+  Disabled (in processes other than 0), it writes nothing."""
 
-  def __init__(self, output_dir: str, resume_step: int):
+  def __init__(self, output_dir: str, resume_step: int, enabled: bool = True):
+    self.enabled, self.tb = enabled, None
+    if not enabled:
+      return
     self.path = os.path.join(output_dir, "metrics.jsonl")
     kept = []
     if os.path.exists(self.path):
@@ -36,6 +40,8 @@ class MetricsLog:
     self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
   def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for k, v in record.items():
@@ -43,7 +49,8 @@ class MetricsLog:
         self.tb.add_scalar(k, v, record["step"])
 
   def close(self) -> None:
-    self.tb.close()
+    if self.tb is not None:
+      self.tb.close()
 
 
 def plot(output_dir: str) -> Optional[str]:

@@ -11,6 +11,9 @@ like its parameters; batches are split over data x fsdp.
 from __future__ import annotations
 
 import math
+import os
+import socket
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -21,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ftjax import tree
-from ftjax.config import MeshConfig, UserError
+from ftjax.config import DistributedConfig, MeshConfig, UserError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
@@ -78,13 +81,14 @@ def _spec(logical: Any, shape: tuple, mesh: Mesh) -> P:
   return P(*out)
 
 
-def param_shardings(module: Any, params: dict, mesh: Mesh) -> dict:
-  """A NamedSharding per leaf of `params`, from the module's logical axis annotations."""
+def param_shardings(module: Any, mesh: Mesh) -> dict[str, NamedSharding]:
+  """{path: NamedSharding} for every parameter of `module`, from its logical axis names."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, tokens, tokens))
   logical = tree.flatten(nn.get_partition_spec(boxed["params"]))
-  return tree.unflatten({p: NamedSharding(mesh, _spec(logical.get(p), tuple(v.shape), mesh))
-                         for p, v in tree.flatten(params).items()})
+  shapes = tree.flatten(tree.unbox(boxed["params"]))
+  return {p: NamedSharding(mesh, _spec(logical.get(p), tuple(v.shape), mesh))
+          for p, v in shapes.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -114,6 +118,62 @@ def put_batch(batch: dict, sharding: NamedSharding) -> dict:
 
 def device_bytes(trees: Any, device: Any = None) -> int:
   """Bytes that `trees`' arrays hold on one device (the first by default)."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   return sum(s.data.nbytes for leaf in jax.tree.leaves(trees) if isinstance(leaf, jax.Array)
              for s in leaf.addressable_shards if s.device == device)
+
+
+CLUSTER_ENV = (("SLURM_NTASKS", "SLURM_JOB_ID"), ("OMPI_COMM_WORLD_SIZE", None))
+
+
+def _in_cluster() -> bool:
+  """A launcher that `jax.distributed.initialize()` recognises started several processes."""
+  return any(int(os.environ.get(size, "1") or 1) > 1 and (marker is None or marker in os.environ)
+             for size, marker in CLUSTER_ENV)
+
+
+def _wait_for(address: str, timeout_s: int) -> None:
+  """Returns once something listens at host:port, or raises a UserError after `timeout_s`."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise UserError(f"distributed.coordinator: expected host:port, got {address!r}")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      socket.create_connection((host, int(port)), timeout=1).close()
+      return
+    except OSError:
+      if time.monotonic() > deadline:
+        raise UserError(f"distributed: the coordinator {address} was not reachable within "
+                        f"{timeout_s}s (is process 0 running, and the address right?)") from None
+      time.sleep(0.5)
+
+
+def start_distributed(cfg: DistributedConfig) -> None:
+  """Joins the other processes of a multi-process run (before JAX touches a device).
+
+  Explicit (`distributed.coordinator`, `num_processes` > 1, `process_id`) or detected from the
+  cluster environment (SLURM, Open MPI) when `distributed.auto` is true; a single process does
+  nothing. CPU processes talk through gloo collectives.
+  """
+  if jax.distributed.is_initialized():
+    return
+  explicit = cfg.num_processes > 1
+  if not explicit and not (cfg.auto and _in_cluster()):
+    return
+  kwargs: dict[str, Any] = {"initialization_timeout": cfg.timeout_s}
+  if explicit:
+    if not cfg.coordinator or cfg.process_id < 0 or cfg.process_id >= cfg.num_processes:
+      raise UserError("distributed.num_processes > 1 needs distributed.coordinator (host:port) "
+                      "and a distributed.process_id in [0, num_processes)")
+    kwargs.update(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
+                  process_id=cfg.process_id)
+  if explicit and cfg.process_id != 0:
+    _wait_for(cfg.coordinator, cfg.timeout_s)  # JAX aborts the process if it cannot connect
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(**kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    where = cfg.coordinator or "from the cluster environment"
+    raise UserError(f"distributed: could not join the run's processes (coordinator {where}, "
+                    f"timeout {cfg.timeout_s}s): {str(e).splitlines()[0][:200]}") from None

@@ -8,6 +8,7 @@ and loss.png; running the same command again resumes from the newest checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -51,17 +52,22 @@ class Model:
   trainable: set
   base_paths: list
   loaded: hf.LoadedModel
+  layout: Optional[dict] = None  # {path: NamedSharding} when built on a mesh
 
 
-def build_model(cfg: Config, tokenizer, skip_init_from: bool = False) -> Model:
+def build_model(cfg: Config, tokenizer, skip_init_from: bool = False,
+                mesh: Optional[jax.sharding.Mesh] = None) -> Model:
   """Loads the base model and adds the PEFT method; resolves `cfg.peft` in place from
-  `peft.init_from` (the adapter's own r, alpha, targets, length...), so config.yaml records it."""
-  loaded = hf.load(cfg.model.path, dtype=compute_dtype(cfg.precision.compute))
-  base_paths = list(tree.flatten(loaded.params))
+  `peft.init_from` (the adapter's own r, alpha, targets, length...), so config.yaml records it.
+  With a `mesh`, every parameter is created in its shards (base weights read straight from the
+  safetensors files into them) and `Model.layout` holds the shardings."""
+  dtype = compute_dtype(cfg.precision.compute)
+  base, model_cfg, hf_cfg, family = hf.build(cfg.model.path, dtype)
+  base_paths = list(tree.flatten(hf.abstract_params(base)))
   from_adapter: dict = {}
   if cfg.peft.init_from and not skip_init_from:
-    method, fields, from_adapter, trained = hf_adapter.load(cfg.peft.init_from,
-                                                           loaded.family.table, loaded.config)
+    method, fields, from_adapter, trained = hf_adapter.load(cfg.peft.init_from, family.table,
+                                                           model_cfg)
     if method != cfg.peft.method:
       raise UserError(f"peft.init_from: {cfg.peft.init_from} holds a {method} adapter, but "
                       f"peft.method is {cfg.peft.method}")
@@ -70,10 +76,12 @@ def build_model(cfg: Config, tokenizer, skip_init_from: bool = False) -> Model:
           f"peft.{method}: " + ", ".join(f"{k}={v}" for k, v in fields.items() if k != "targets")
           + (f", {len(trained)} trained base tensor(s)" if trained else ""))
     cfg.peft.trainable = sorted(set(cfg.peft.trainable) | {f"^{re.escape(p)}$" for p in trained})
-  spec = peft.build_spec(cfg.peft, base_paths, loaded.config)
-  peft.check_context(spec, cfg.data.seq_len, loaded.hf_config.get("max_position_embeddings"),
+  spec = peft.build_spec(cfg.peft, base_paths, model_cfg)
+  peft.check_context(spec, cfg.data.seq_len, hf_cfg.get("max_position_embeddings"),
                      cfg.model.path)
-  module = loaded.module.clone(peft=spec, remat=cfg.train.remat)
+  module = base.clone(peft=spec, remat=cfg.train.remat)
+  layout = sharding.param_shardings(module, mesh) if mesh is not None else None
+  loaded = hf.load(cfg.model.path, dtype, shardings=layout)
   text_ids = None
   if spec.method == "prompt" and spec.prompt_init == "text":
     text_ids = tokenizer(cfg.peft.prompt.init_text)["input_ids"]  # as PEFT does (BOS included)
@@ -92,7 +100,9 @@ def build_model(cfg: Config, tokenizer, skip_init_from: bool = False) -> Model:
       raise UserError(f"peft.init_from: tensor for '{path}' has shape {tuple(value.shape)}, "
                       f"this model has {got}")
     flat[path] = jnp.asarray(value, flat[path].dtype)
-  return Model(module, tree.unflatten(flat), trainable, base_paths, loaded)
+  if layout is not None:  # PEFT leaves join their layers' shards (base leaves are there)
+    flat = {p: jax.device_put(v, layout[p]) for p, v in flat.items()}
+  return Model(module, tree.unflatten(flat), trainable, base_paths, loaded, layout)
 
 
 def evaluate(eval_fn, params, frozen, examples, cfg: Config, pad_id: int) -> dict:
@@ -130,7 +140,16 @@ def exact_match(module, params: dict, examples, tokenizer, cfg: Config, show: in
 def run(cfg: Config) -> dict:
   """Fine-tunes `cfg.model.path` on `cfg.data`; returns a summary (losses, eval, run dir)."""
   cfg = copy.deepcopy(cfg)  # peft.init_from and train.epochs resolve fields in place
+  sharding.start_distributed(cfg.distributed)
+  if jax.process_index() != 0:  # only process 0 prints and writes the run's own files
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+      return _run(cfg)
+  return _run(cfg)
+
+
+def _run(cfg: Config) -> dict:
   out_dir = cfg.train.output_dir
+  main = jax.process_index() == 0
   os.makedirs(out_dir, exist_ok=True)
 
   # Cheap checks first: a bad model directory or data file fails before any weights load, and
@@ -149,6 +168,8 @@ def run(cfg: Config) -> dict:
     print(loaded_data.eval.stats.describe("data.eval", len(eval_examples)))
   if cfg.eval.max_examples:
     eval_examples = eval_examples[:cfg.eval.max_examples]
+  if cfg.eval.samples and jax.process_count() > 1:
+    raise UserError("eval.samples (generation) runs in single-process runs only")
   if cfg.eval.patience and not eval_examples:
     raise UserError("eval.patience (early stopping) needs an eval set: set data.eval or "
                     "data.eval_fraction")
@@ -169,11 +190,9 @@ def run(cfg: Config) -> dict:
   if (cfg.train.batch_size // cfg.train.grad_accum) % shards:
     raise UserError(f"train.batch_size / train.grad_accum ({cfg.train.batch_size} / "
                     f"{cfg.train.grad_accum}) must divide by mesh data x fsdp ({shards})")
-  model = build_model(cfg, tokenizer)
-  layout = sharding.param_shardings(model.module, model.params, mesh)
+  model = build_model(cfg, tokenizer, mesh=mesh)
   params, frozen = tree.split(model.params, model.trainable)
-  params_sh, frozen_sh = tree.split(layout, model.trainable)
-  params, frozen = jax.device_put(params, params_sh), jax.device_put(frozen, frozen_sh)
+  params_sh, frozen_sh = tree.split(tree.unflatten(model.layout), model.trainable)
   n_train, n_total = tree.count(params), tree.count(model.params)
   print(f"model {cfg.model.path}: {n_total / 1e6:.2f}M parameters, peft {cfg.peft.method}, "
         f"{n_train:,} trainable ({100 * n_train / n_total:.3g}%), compute "
@@ -228,8 +247,9 @@ def run(cfg: Config) -> dict:
       close()
       print(f"{out_dir} stopped early at step {start} (best step {early.best_step}); nothing to do")
       return {**summary, "final_step": start, "stopped_early": start, "plot": None}
-  config.dump(cfg, os.path.join(out_dir, "config.yaml"))
-  log = metrics.MetricsLog(out_dir, start)
+  if main:
+    config.dump(cfg, os.path.join(out_dir, "config.yaml"))
+  log = metrics.MetricsLog(out_dir, start, enabled=main)
 
   apply_fn = _apply_fn(model.module)
   batch_sh = sharding.batch_sharding(mesh, 3)
@@ -276,7 +296,7 @@ def run(cfg: Config) -> dict:
   finally:
     close()
     log.close()
-  summary["plot"] = metrics.plot(out_dir)
+  summary["plot"] = metrics.plot(out_dir) if main else None
   summary["final_step"] = final
   return summary
 
@@ -296,6 +316,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   except loop.Diverged as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  if jax.process_index() != 0:
+    return 128 + summary["interrupted"] if summary.get("interrupted") else 0
   before, after = summary.get("before"), summary.get("after")
   if before and after:
     line = f"held-out eval loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
