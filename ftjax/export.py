@@ -18,10 +18,10 @@ from ftjax.config import UserError
 from ftjax.peft import hf_adapter
 
 
-def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None,
-           model_path: Optional[str] = None, dtype: str = "auto") -> str:
-  """Exports checkpoint `step` (default: the newest; "best": the best under early stopping) of
-  a run; returns `out_dir`."""
+def load_run(run_dir: str, step: Optional[int | str] = None, model_path: Optional[str] = None
+             ) -> tuple[config.Config, train.Model, dict, int]:
+  """A run's config, its model, the parameters of checkpoint `step` (default: the newest;
+  "best": the best under early stopping) merged into the model's, and the step."""
   config_file = os.path.join(run_dir, "config.yaml")
   if not os.path.isfile(config_file):
     raise UserError(f"--run: {run_dir} is not an ftjax run directory (no config.yaml)")
@@ -29,6 +29,37 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None
   if not os.path.isdir(cfg.model.path):
     raise UserError(f"{config_file}: model.path {cfg.model.path} is not a directory from here "
                     "(pass --model DIR)")
+  best = step == "best"
+  if best and not os.path.isdir(os.path.join(run_dir, "best")):
+    raise UserError(f"--step best: {run_dir} kept no best checkpoint (it needs eval.patience)")
+  ckpt = checkpoint.Checkpointer(run_dir, 0, 1, read_only=True,
+                                 name="best" if best else "checkpoints")
+  try:
+    step = ckpt.latest_step() if step is None or best else int(step)
+    if step is None:
+      raise UserError(f"--run: {run_dir} has no checkpoint")
+    if step not in ckpt.manager.all_steps():
+      raise UserError(f"--step: {run_dir} has no checkpoint at step {step} "
+                      f"(have {sorted(ckpt.manager.all_steps())})")
+    trained = tree.flatten(ckpt.restore_params(step))
+  finally:
+    ckpt.close()
+  tokenizer = hf.load_tokenizer(cfg.model.path)
+  model = train.build_model(cfg, tokenizer, skip_init_from=True)  # the checkpoint has it all
+  if set(trained) != model.trainable:
+    raise UserError(f"{run_dir}: checkpoint {step} does not hold this config's trainable "
+                    "parameters (was config.yaml edited?)")
+  return cfg, model, tree.unflatten({**tree.flatten(model.params), **trained}), step
+
+
+def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None,
+           model_path: Optional[str] = None, dtype: str = "auto") -> str:
+  """Exports checkpoint `step` (default: the newest; "best": the best under early stopping) of
+  a run; returns `out_dir`."""
+  config_file = os.path.join(run_dir, "config.yaml")
+  if not os.path.isfile(config_file):
+    raise UserError(f"--run: {run_dir} is not an ftjax run directory (no config.yaml)")
+  cfg = config.load(config_file)
   if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)):
     raise UserError(f"--out: {out_dir} already exists and is not empty (choose a new directory)")
   if to == "peft" and cfg.peft.method not in ("lora", "prefix", "prompt"):
@@ -38,36 +69,14 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None
     raise UserError(f"cannot export peft.method {cfg.peft.method} --to peft: {why}")
   if to == "hf" and peft.merge_refusal(cfg.peft.method):
     raise UserError(f"cannot export --to hf: {peft.merge_refusal(cfg.peft.method)}")
-  best = step == "best"
-  if best and not os.path.isdir(os.path.join(run_dir, "best")):
-    raise UserError(f"--step best: {run_dir} kept no best checkpoint (it needs eval.patience)")
-  ckpt = checkpoint.Checkpointer(run_dir, 0, 1, read_only=True,
-                                 name="best" if best else "checkpoints")
-  try:
-    step = ckpt.latest_step() if step is None or best else int(step)
-    if step is None:
-      raise UserError(f"--run: {run_dir} has no checkpoint to export")
-    if step not in ckpt.manager.all_steps():
-      raise UserError(f"--step: {run_dir} has no checkpoint at step {step} "
-                      f"(have {sorted(ckpt.manager.all_steps())})")
-    trained = tree.flatten(ckpt.restore_params(step))
-  finally:
-    ckpt.close()
-  tokenizer = hf.load_tokenizer(cfg.model.path)
-  model = train.build_model(cfg, tokenizer, skip_init_from=True)  # the checkpoint has it all
-  flat = tree.flatten(model.params)
-  if set(trained) != model.trainable:
-    raise UserError(f"{run_dir}: checkpoint {step} does not hold this config's trainable "
-                    "parameters (was config.yaml edited?)")
-  flat.update(trained)
-  params, spec = tree.unflatten(flat), model.module.peft
-  table = model.loaded.family.table
+  cfg, model, params, _ = load_run(run_dir, step, model_path)
+  spec, table = model.module.peft, model.loaded.family.table
   if to == "peft":
     spec, params = peft.eject(spec, params)
     trained_base = model.trainable & set(model.base_paths)
     hf_adapter.save(out_dir, spec, params, trained_base, table, model.loaded.config,
                     os.path.abspath(cfg.model.path))
-    tokenizer.save_pretrained(out_dir)
+    hf.load_tokenizer(cfg.model.path).save_pretrained(out_dir)
   else:
     hf.save_model(out_dir, peft.merge(spec, params), cfg.model.path, table, dtype)
   return out_dir

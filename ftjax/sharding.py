@@ -100,8 +100,10 @@ def state_shardings(state: Any, params_sharding: dict, tx: optax.GradientTransfo
   """Shardings for a TrainState: parameters and their optimizer moments alike, the rest
   replicated."""
   rep = replicated(mesh)
-  opt = optax.tree_utils.tree_map_params(tx, lambda _, s: s, state.opt_state, params_sharding,
-                                         transform_non_params=lambda _: rep)
+  # moments shaped like their parameter follow it; factored ones (Adafactor) are replicated
+  like = lambda x, s, p: s if getattr(x, "shape", None) == p.shape else rep
+  opt = optax.tree_utils.tree_map_params(tx, like, state.opt_state, params_sharding,
+                                         state.params, transform_non_params=lambda _: rep)
   return state.replace(step=rep, params=params_sharding, opt_state=opt, rng=rep, loss_scale=rep,
                        good_steps=rep, skipped=rep, bad_run=rep)
 

@@ -33,15 +33,35 @@ def test_logits_match_transformers(models):
 
 def test_greedy_decoding_matches_transformers(models):
   ours, tokenizer, theirs = models
-  messages = [{"role": "user", "content": "What is the capital of France?"}]
-  prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-  ids = tokenizer(prompt, add_special_tokens=False).input_ids
-  got = generate.greedy(ours.module, ours.params, [ids], max_new_tokens=12)[0]
+  questions = ["What is the capital of France?", "Name three colours.", "Who wrote Hamlet?",
+               "What is 2+2?"]
+  prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                                     add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False).input_ids for q in questions]
+  assert len({len(p) for p in prompts}) > 1  # one batch, left-padded
+  got = generate.greedy(ours.module, ours.params, prompts, max_new_tokens=12)
+  for ids, out in zip(prompts, got):
+    with torch.no_grad():  # an explicit mask: SmolLM2's pad id is <|im_end|>, inside prompts
+      ref = theirs.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                            max_new_tokens=12, do_sample=False, eos_token_id=None,
+                            pad_token_id=tokenizer.pad_token_id)
+    assert out == ref[0, len(ids):].tolist()
+  assert "Paris" in tokenizer.decode(got[0])
+
+
+def test_generate_cli_applies_the_chat_template(models, smollm2_dir, capsys):
+  ours, tokenizer, theirs = models
+  question = "What is the capital of France?"
+  assert generate.main(["--model", smollm2_dir, "--prompt", question,
+                        "--max-new-tokens", "10"]) == 0
+  printed = capsys.readouterr().out.strip()
+  ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                      add_generation_prompt=True, tokenize=False)
+  ids = tokenizer(ids, add_special_tokens=False).input_ids
   with torch.no_grad():
-    ref = theirs.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                          eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-  assert got == ref[0, len(ids):].tolist()
-  assert "Paris" in tokenizer.decode(got)
+    ref = theirs.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                          max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+  assert printed == tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True).strip()
 
 
 def test_short_lora_run_lowers_held_out_loss_and_exports_to_peft(smollm2_dir, tmp_path):
