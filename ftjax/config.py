@@ -167,6 +167,13 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class DistillConfig:
+  teacher: str = ""  # an HF model directory sharing the student's tokenizer ("": no distillation)
+  temperature: float = 2.0
+  alpha: float = 0.5  # loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)
+
+
+@dataclasses.dataclass
 class MeshConfig:
   # Devices per mesh axis; -1: the devices left. data x fsdp x tensor must divide the devices.
   data: int = 1  # batch split, parameters replicated
@@ -195,6 +202,7 @@ class Config:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
@@ -300,6 +308,8 @@ def _validate(cfg: Config) -> None:
       (cfg.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
       (cfg.eval.patience >= 0, "eval.patience must be >= 0"),
       (cfg.eval.min_delta >= 0, "eval.min_delta must be >= 0"),
+      (cfg.distill.temperature > 0, "distill.temperature must be > 0"),
+      (0 <= cfg.distill.alpha <= 1, "distill.alpha must be in [0, 1]"),
       (cfg.distributed.num_processes >= 1, "distributed.num_processes must be >= 1"),
       (cfg.distributed.timeout_s >= 1, "distributed.timeout_s must be >= 1"),
       (cfg.train.seed >= 0, "train.seed must be >= 0"),

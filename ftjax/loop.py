@@ -136,6 +136,8 @@ class Loop:
               "grad_norm": float(metrics["grad_norm"]),
               "update_norm": float(metrics["update_norm"]),
               "tokens_per_s": tokens / max(time.perf_counter() - since, 1e-9)}
+    if self.cfg.distill.teacher:
+      record["kl"] = float(metrics["kl"])
     if self.cfg.precision.compute == "fp16":
       record["loss_scale"] = float(metrics["loss_scale"])
     if int(metrics["skipped"]):

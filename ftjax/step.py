@@ -8,7 +8,8 @@ of trained tokens of the whole batch, so k micro-batches of b rows equal one bat
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Optional
 
 import flax.struct
 import jax
@@ -56,33 +57,63 @@ def token_losses(logits_BxLxV: jax.Array, batch: dict) -> tuple[jax.Array, jax.A
 ApplyFn = Callable[..., jax.Array]  # (params, batch, dropout rng or None) -> logits
 
 
-def _scaled_loss_sum(params, frozen, batch, rng, scale, apply_fn):
-  nll, weights, _ = token_losses(apply_fn(tree.merge(params, frozen), batch, rng), batch)
-  return nll.sum() * scale, (nll.sum(), weights.sum())
+@dataclasses.dataclass(frozen=True)
+class Distill:
+  """Knowledge distillation: loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)."""
+
+  teacher_fn: Callable  # (teacher params, batch) -> logits
+  temperature: float
+  alpha: float
+
+
+def distill_kl(student_BxLxV: jax.Array, teacher_BxLxV: jax.Array, weights: jax.Array,
+               temperature: float) -> jax.Array:
+  """T^2 * KL(teacher || student) of the softened next-token distributions, per position,
+  weighted like `token_losses` (so only trained positions count)."""
+  t = temperature
+  log_s = jax.nn.log_softmax(student_BxLxV[:, :-1].astype(jnp.float32) / t, axis=-1)
+  log_t = jax.nn.log_softmax(teacher_BxLxV[:, :-1].astype(jnp.float32) / t, axis=-1)
+  kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+  return t * t * kl * weights
+
+
+def _scaled_loss_sum(params, frozen, batch, rng, scale, apply_fn, distill=None, teacher=None):
+  logits = apply_fn(tree.merge(params, frozen), batch, rng)
+  nll, weights, _ = token_losses(logits, batch)
+  if distill is None:
+    return nll.sum() * scale, (nll.sum(), weights.sum(), 0.0)
+  teacher_logits = jax.lax.stop_gradient(distill.teacher_fn(teacher, batch))
+  kl = distill_kl(logits, teacher_logits, weights, distill.temperature).sum()
+  loss = distill.alpha * nll.sum() + (1 - distill.alpha) * kl
+  return loss * scale, (loss, weights.sum(), kl)
 
 
 def accumulate(params: dict, frozen: dict, batch: dict, rng: jax.Array, apply_fn: ApplyFn,
-               scale: jax.Array = 1.0) -> tuple[dict, jax.Array, jax.Array]:
+               scale: jax.Array = 1.0, distill: Optional[Distill] = None,
+               teacher: Optional[dict] = None) -> tuple[dict, jax.Array, jax.Array, jax.Array]:
   """Gradients of `scale` x the summed token loss over micro-batches (a `lax.scan` over the
-  leading axis of `batch`), the summed loss and the number of trained tokens."""
+  leading axis of `batch`), the summed loss, the number of trained tokens, and the summed
+  distillation KL (0 without a teacher)."""
   grad_fn = jax.grad(_scaled_loss_sum, has_aux=True)
 
   def micro(carry, inputs):
-    grads, loss, count = carry
+    grads, loss, count, kl = carry
     i, mb = inputs
-    g, (l, n) = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i), scale, apply_fn)
-    return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
+    g, (l, n, k) = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i), scale, apply_fn,
+                           distill, teacher)
+    return (jax.tree.map(jnp.add, grads, g), loss + l, count + n, kl + k), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   accum = jax.tree.leaves(batch)[0].shape[0]
-  (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0),
-                                             (jnp.arange(accum), batch))
-  return grads, loss_sum, count
+  (grads, loss_sum, count, kl), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0, 0.0),
+                                                 (jnp.arange(accum), batch))
+  return grads, loss_sum, count, kl
 
 
-def train_step(state: TrainState, frozen: dict, batch: dict, *, apply_fn: ApplyFn,
-               tx: optax.GradientTransformation, dynamic_scale: bool = False,
-               scale_period: int = 1000) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, frozen: dict, batch: dict, teacher: Optional[dict] = None, *,
+               apply_fn: ApplyFn, tx: optax.GradientTransformation, dynamic_scale: bool = False,
+               scale_period: int = 1000, distill: Optional[Distill] = None
+               ) -> tuple[TrainState, dict]:
   """One optimizer step over a batch of shape (micro-batches, rows, length).
 
   Gradients are divided by the trained tokens of the whole batch (and the loss scale). A step
@@ -91,8 +122,8 @@ def train_step(state: TrainState, frozen: dict, batch: dict, *, apply_fn: ApplyF
   `scale_period` finite steps.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
-  grads, loss_sum, count = accumulate(state.params, frozen, batch, step_rng, apply_fn,
-                                      state.loss_scale)
+  grads, loss_sum, count, kl = accumulate(state.params, frozen, batch, step_rng, apply_fn,
+                                          state.loss_scale, distill, teacher)
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / (denom * state.loss_scale), grads)
   grad_norm = optax.tree.norm(grads)
@@ -111,7 +142,7 @@ def train_step(state: TrainState, frozen: dict, batch: dict, *, apply_fn: ApplyF
   new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                       loss_scale=loss_scale, good_steps=good, skipped=state.skipped + bad,
                       bad_run=(state.bad_run + bad) * bad)
-  metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
+  metrics = {"loss": loss_sum / denom, "kl": kl / denom, "grad_norm": grad_norm,
              "update_norm": jnp.where(finite, optax.tree.norm(updates), 0.0), "tokens": count,
              "skipped": new.skipped, "bad_run": new.bad_run, "loss_scale": state.loss_scale}
   return new, metrics

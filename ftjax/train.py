@@ -105,6 +105,26 @@ def build_model(cfg: Config, tokenizer, skip_init_from: bool = False,
   return Model(module, tree.unflatten(flat), trainable, base_paths, loaded, layout)
 
 
+def _teacher(cfg: Config, tokenizer, model_cfg, dtype, mesh):
+  """The frozen teacher of `distill.teacher`: (step.Distill, its params, their shardings)."""
+  path = cfg.distill.teacher
+  teacher_tok = hf.load_tokenizer(path)
+  if teacher_tok.get_vocab() != tokenizer.get_vocab():
+    raise UserError(f"distill.teacher: {path} has another tokenizer than {cfg.model.path}; "
+                    "distillation compares next-token distributions token by token, so teacher "
+                    "and student must share one")
+  module, teacher_cfg, _, _ = hf.build(path, dtype)
+  if teacher_cfg.vocab_size != model_cfg.vocab_size:
+    raise UserError(f"distill.teacher: {path} has {teacher_cfg.vocab_size} output tokens, the "
+                    f"student {model_cfg.vocab_size}")
+  layout = sharding.param_shardings(module, mesh)
+  params = hf.load(path, dtype, shardings=layout).params
+  print(f"distilling from {path} (T={cfg.distill.temperature}, alpha={cfg.distill.alpha}, "
+        f"{tree.count(params) / 1e6:.2f}M parameters, frozen)")
+  return (step.Distill(_apply_fn(module), cfg.distill.temperature, cfg.distill.alpha), params,
+          tree.unflatten(layout))
+
+
 def evaluate(eval_fn, params, frozen, examples, cfg: Config, pad_id: int) -> dict:
   """Loss, perplexity and next-token accuracy over the eval examples."""
   totals = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
@@ -253,11 +273,16 @@ def _run(cfg: Config) -> dict:
 
   apply_fn = _apply_fn(model.module)
   batch_sh = sharding.batch_sharding(mesh, 3)
-  train_fn = jax.jit(functools.partial(step.train_step, apply_fn=apply_fn, tx=tx,
-                                       dynamic_scale=fp16,
-                                       scale_period=cfg.precision.loss_scale_period),
-                     in_shardings=(state_sh, frozen_sh, batch_sh),
-                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  distill, teacher, teacher_sh = None, None, None
+  if cfg.distill.teacher:
+    distill, teacher, teacher_sh = _teacher(cfg, tokenizer, model_cfg, dtype, mesh)
+  jitted = jax.jit(functools.partial(step.train_step, apply_fn=apply_fn, tx=tx,
+                                     dynamic_scale=fp16,
+                                     scale_period=cfg.precision.loss_scale_period,
+                                     distill=distill),
+                   in_shardings=(state_sh, frozen_sh, batch_sh, teacher_sh),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  train_fn = lambda state, frozen, batch: jitted(state, frozen, batch, teacher)
   eval_sh = sharding.batch_sharding(mesh, 2) if cfg.eval.batch_size % shards == 0 \
       else sharding.replicated(mesh)
   eval_step = jax.jit(functools.partial(step.eval_step, apply_fn=apply_fn),

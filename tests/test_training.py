@@ -38,7 +38,7 @@ def _grads(model, batch, accum=1):
   """(summed gradients / trained tokens, tokens) of the trainable part, `accum` micro-batches."""
   params, frozen = tree.split(model.params, model.trainable)
   micro = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.items()}
-  grads, _, count = step.accumulate(params, frozen, micro, jax.random.PRNGKey(0),
+  grads, _, count, _ = step.accumulate(params, frozen, micro, jax.random.PRNGKey(0),
                                     train._apply_fn(model.module))
   return jax.tree.map(lambda g: g / count, grads), float(count)
 
@@ -348,3 +348,48 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(
                                            "checkpoint.every=0"]))
   s = steps
   assert resumed["losses"][s] == pytest.approx(whole["losses"][s], rel=1e-6)
+
+
+def test_distillation_from_itself_at_alpha_zero_starts_at_zero(tiny_llama_dir, reverse_data,
+                                                               tmp_path):
+  cfg = _cfg(tiny_llama_dir, tmp_path, f"data.train={reverse_data[0]}", "train.steps=2",
+             f"distill.teacher={tiny_llama_dir}", "distill.alpha=0", "distill.temperature=2")
+  summary = train.run(cfg)
+  # the teacher is the student's initial weights: zero up to fp32 rounding (the two forward
+  # passes are compiled separately)
+  assert abs(summary["losses"][1]) < 1e-6 and abs(_metrics(tmp_path)[0]["kl"]) < 1e-6
+
+
+def test_a_distilled_student_moves_toward_its_teacher(tiny_llama_dir, reverse_data, tmp_path):
+  teacher = tmp_path / "teacher"
+  tiny.save_model(str(teacher), "llama", seed=1)  # other weights, the same tokenizer
+  cfg = _cfg(tiny_llama_dir, tmp_path / "run", f"data.train={reverse_data[0]}",
+             "train.steps=10", "optim.lr=3e-3", f"distill.teacher={teacher}", "distill.alpha=0")
+  summary = train.run(cfg)
+  kls = [r["kl"] for r in _metrics(tmp_path / "run")]
+  assert summary["losses"][1] == pytest.approx(kls[0]) and kls[0] > 0
+  assert kls[-1] < 0.5 * kls[0], kls
+  mixed = _cfg(tiny_llama_dir, tmp_path / "mixed", f"data.train={reverse_data[0]}",
+               "train.steps=1", f"distill.teacher={teacher}", "distill.alpha=0.25")
+  first = train.run(mixed)
+  plain = train.run(_cfg(tiny_llama_dir, tmp_path / "plain", f"data.train={reverse_data[0]}",
+                         "train.steps=1"))
+  kl = _metrics(tmp_path / "mixed")[0]["kl"]
+  assert first["losses"][1] == pytest.approx(0.25 * plain["losses"][1] + 0.75 * kl, rel=1e-5)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(tiny_llama_dir, reverse_data, tmp_path,
+                                                     capsys):
+  teacher = tmp_path / "teacher"
+  tiny.save_model(str(teacher), "llama", seed=1)
+  other = hf.load_tokenizer(tiny_llama_dir)
+  other.add_tokens(["<only-the-teacher-has-this>"])
+  other.save_pretrained(str(teacher))
+  capsys.readouterr()
+  argv = ["--config", os.path.join(REPO, "configs", "quickstart.yaml"),
+          f"model.path={tiny_llama_dir}", f"data.train={reverse_data[0]}", "data.eval=",
+          "data.seq_len=64", f"train.output_dir={tmp_path / 'run'}", f"distill.teacher={teacher}"]
+  assert train.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"error: distill.teacher: {teacher} has another tokenizer than") and \
+      len(err.splitlines()) == 1
