@@ -85,9 +85,9 @@ def sample(module: Any, params: dict, prompts: list[list[int]], max_new_tokens: 
     nxt, cache = _forward(module, params, token[:, None], pos, ones, cache,
                           jax.random.fold_in(key, t + 1), *knobs, prefill=False, top_k=top_k)
     pos = pos + 1
-  result = []
+  result, stop_set = [], set(stop_ids)
   for row in np.stack(out, axis=1).tolist():
-    cut = next((i for i, tok in enumerate(row) if tok in set(stop_ids)), None)
+    cut = next((i for i, tok in enumerate(row) if tok in stop_set), None)
     result.append(row if cut is None else row[:cut + 1])
   return result
 

@@ -14,7 +14,7 @@ import glob
 import json
 import os
 import re
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -127,14 +127,6 @@ def _safetensors_files(model_dir: str) -> list[str]:
       raise UserError(f"{model_dir}: weight file {os.path.basename(f)} named in the index is "
                       "missing")
   return files
-
-
-def iter_tensors(model_dir: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (HF name, array) one tensor at a time from single or sharded safetensors."""
-  for file in _safetensors_files(model_dir):
-    with safe_open(file, framework="flax") as f:
-      for name in f.keys():
-        yield name, np.asarray(f.get_tensor(name))
 
 
 @dataclasses.dataclass
