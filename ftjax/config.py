@@ -115,7 +115,7 @@ class OptimConfig:
   weight_decay: float = 0.0  # decoupled (adam: L2 added to the gradient, as torch.optim.Adam)
   # Leaves whose path matches one of these regexes get no weight decay.
   no_decay: list[str] = dataclasses.field(
-      default_factory=lambda: [r"bias$", r"norm", r"embed_tokens"])
+      default_factory=lambda: [r"bias$", r"(?i)norm|(^|/)ln_", r"embed|^wte/|^wpe/"])
   b1: float = 0.9  # adam/adamw/lion
   b2: float = 0.999  # adam/adamw/lion (Lion's paper uses 0.99)
   eps: float = 1e-8

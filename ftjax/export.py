@@ -15,6 +15,7 @@ from typing import Optional
 
 from ftjax import checkpoint, config, hf, peft, train, tree
 from ftjax.config import UserError
+from ftjax.models import common
 from ftjax.peft import hf_adapter
 
 
@@ -71,14 +72,19 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None
     raise UserError(f"cannot export --to hf: {peft.merge_refusal(cfg.peft.method)}")
   cfg, model, params, _ = load_run(run_dir, step, model_path)
   spec, table = model.module.peft, model.loaded.family.table
+  classify = cfg.data.format == "classification"
+  tokenizer = hf.load_tokenizer(cfg.model.path)
   if to == "peft":
     spec, params = peft.eject(spec, params)
-    trained_base = model.trainable & set(model.base_paths)
+    head = {p for p in model.trainable if p.split("/", 1)[0] in common.HEAD_MODULES}
+    trained_base = (model.trainable & set(model.base_paths)) | head
     hf_adapter.save(out_dir, spec, params, trained_base, table, model.loaded.config,
-                    os.path.abspath(cfg.model.path))
-    hf.load_tokenizer(cfg.model.path).save_pretrained(out_dir)
+                    os.path.abspath(cfg.model.path), "SEQ_CLS" if classify else "CAUSAL_LM")
+    tokenizer.save_pretrained(out_dir)
   else:
-    hf.save_model(out_dir, peft.merge(spec, params), cfg.model.path, table, dtype)
+    updates = hf.classifier_config(model.loaded.hf_config, cfg.data.labels,
+                                   tokenizer.pad_token_id) if classify else None
+    hf.save_model(out_dir, peft.merge(spec, params), cfg.model.path, table, dtype, updates)
   return out_dir
 
 

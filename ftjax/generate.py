@@ -115,8 +115,12 @@ def load_for_generation(model_dir: Optional[str], adapter: Optional[str], run: O
   """(module, params, tokenizer) of a base model, a base model + PEFT adapter, or a run."""
   from ftjax import config, export, hf, train  # pylint: disable=import-outside-toplevel
 
+  if model_dir and not run and not getattr(hf.build(model_dir)[0], "causal_lm", True):
+    raise UserError(f"{model_dir} is an encoder: it does not generate text")
   if run:
     cfg, model, params, step = export.load_run(run, None, model_dir)
+    if model.module.num_labels:
+      raise UserError(f"{run} trained a classifier: it does not generate text")
     print(f"{run}: checkpoint of step {step} ({cfg.peft.method})", file=sys.stderr)
     return model.module, params, hf.load_tokenizer(cfg.model.path), cfg.model.path
   if not model_dir:

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from ftjax import tree
 from ftjax.config import UserError
-from ftjax.models import llama
+from ftjax.models import bert, gpt2, llama
 
 # (HF name, ftjax path, transpose)
 LLAMA_TABLE = [
@@ -47,24 +47,82 @@ LLAMA_TABLE = [
      "layers_{i}/post_attention_layernorm/scale", False),
     ("model.norm.weight", "norm/scale", False),
     ("lm_head.weight", "lm_head/kernel", True),
+    ("score.weight", "score/kernel", True),
 ]
-# HF tensors that carry no parameters (buffers some checkpoints include).
-IGNORED = [r".*rotary_emb\.inv_freq$"]
+# GPT-2's Conv1D weights are stored (in, out): nothing is transposed.
+GPT2_TABLE = [
+    ("transformer.wte.weight", "wte/embedding", False),
+    ("transformer.wpe.weight", "wpe/embedding", False),
+    *[(f"transformer.h.{{i}}.{hf_name}.{w}", f"h_{{i}}/{ours}/{p}", False)
+      for hf_name, ours in [("ln_1", "ln_1"), ("ln_2", "ln_2")]
+      for w, p in [("weight", "scale"), ("bias", "bias")]],
+    *[(f"transformer.h.{{i}}.{m}.{w}", f"h_{{i}}/{m.replace('.', '/')}/{p}", False)
+      for m in ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+      for w, p in [("weight", "kernel"), ("bias", "bias")]],
+    ("transformer.ln_f.weight", "ln_f/scale", False),
+    ("transformer.ln_f.bias", "ln_f/bias", False),
+    ("lm_head.weight", "lm_head/kernel", True),
+    ("score.weight", "score/kernel", True),
+]
+_NORM = [("weight", "scale", False), ("bias", "bias", False)]
+_LINEAR = [("weight", "kernel", True), ("bias", "bias", False)]
+BERT_TABLE = [
+    *[(f"bert.embeddings.{n}.weight", f"embeddings/{n}/embedding", False)
+      for n in ["word_embeddings", "position_embeddings", "token_type_embeddings"]],
+    *[(f"bert.embeddings.LayerNorm.{w}", f"embeddings/LayerNorm/{p}", t) for w, p, t in _NORM],
+    *[(f"bert.encoder.layer.{{i}}.{m}.{w}", f"layer_{{i}}/{m.replace('.', '/')}/{p}", t)
+      for m, rows in [("attention.self.query", _LINEAR), ("attention.self.key", _LINEAR),
+                      ("attention.self.value", _LINEAR), ("attention.output.dense", _LINEAR),
+                      ("attention.output.LayerNorm", _NORM), ("intermediate.dense", _LINEAR),
+                      ("output.dense", _LINEAR), ("output.LayerNorm", _NORM)]
+      for w, p, t in rows],
+    *[(f"bert.pooler.dense.{w}", f"pooler/{p}", t) for w, p, t in _LINEAR],
+    *[(f"classifier.{w}", f"classifier/{p}", t) for w, p, t in _LINEAR],
+]
+# HF tensors that carry no parameters (buffers some checkpoints include), and pretraining heads
+# a fine-tune does not use (BERT's masked-LM and next-sentence heads).
+IGNORED = [r".*rotary_emb\.inv_freq$", r".*\.attn\.(masked_)?bias$",
+           r".*embeddings\.(position_ids|token_type_ids)$", r"^cls\."]
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """How to build and map one model family."""
+  """How to build and map one model family.
+
+  `base_prefix` is what HF's task models put before the base model's tensor names (a bare
+  `BertModel` or `GPT2Model` checkpoint lacks it). `optional` names the top-level modules a
+  checkpoint may lack: a classification head (and BERT's pooler) starts freshly initialised.
+  """
 
   config_from_hf: Callable[[dict], Any]
   module: Callable[..., Any]
   table: list
+  base_prefix: str
+  optional: tuple = ("score",)
 
 
+_LLAMA = Family(llama.LlamaConfig.from_hf, llama.Llama, LLAMA_TABLE, "model.")
+_GPT2 = Family(gpt2.GPT2Config.from_hf, gpt2.GPT2, GPT2_TABLE, "transformer.")
+_BERT = Family(bert.BertConfig.from_hf, bert.Bert, BERT_TABLE, "bert.", ("classifier", "pooler"))
 FAMILIES = {
-    arch: Family(llama.LlamaConfig.from_hf, llama.Llama, LLAMA_TABLE)
-    for arch in llama.ARCHITECTURES
+    **{arch: _LLAMA for arch in llama.ARCHITECTURES},
+    **{arch.replace("CausalLM", "SequenceClassification"): _LLAMA for arch in llama.ARCHITECTURES},
+    **{arch: _GPT2 for arch in gpt2.ARCHITECTURES},
+    **{arch: _BERT for arch in bert.ARCHITECTURES},
 }
+def classifier_config(hf_config: dict, labels: list[str], pad_id: int) -> dict:
+  """config.json entries that make an export load as `AutoModelForSequenceClassification`."""
+  return {"architectures": [CLASSIFIERS[hf_config.get("model_type", "llama")]],
+          "id2label": {str(i): name for i, name in enumerate(labels)},
+          "label2id": {name: i for i, name in enumerate(labels)},
+          "problem_type": "single_label_classification", "pad_token_id": pad_id}
+
+
+# The architecture a classification export declares, by HF model_type.
+CLASSIFIERS = {"llama": "LlamaForSequenceClassification",
+               "mistral": "MistralForSequenceClassification",
+               "qwen2": "Qwen2ForSequenceClassification",
+               "gpt2": "GPT2ForSequenceClassification", "bert": "BertForSequenceClassification"}
 
 
 def _compile(template: str) -> re.Pattern:
@@ -138,17 +196,22 @@ class LoadedModel:
   params: dict
   hf_config: dict
   family: Family
+  fresh: list  # parameter paths the checkpoint lacked (a new classification head)
 
 
-def build(model_dir: str, dtype=jnp.float32) -> tuple[Any, Any, dict, Family]:
-  """Returns (module, model config, HF config, family) for the model directory."""
+def build(model_dir: str, dtype=jnp.float32, num_labels: int = 0
+          ) -> tuple[Any, Any, dict, Family]:
+  """Returns (module, model config, HF config, family) for the model directory; with
+  `num_labels` the module is a sequence classifier with that many labels."""
   hf, arch = read_config(model_dir)
   family = FAMILIES[arch]
   try:
     cfg = family.config_from_hf(hf)
   except UserError as e:
     raise UserError(f"{model_dir}: {e}") from None
-  return family.module(cfg, dtype), cfg, hf, family
+  except KeyError as e:
+    raise UserError(f"{model_dir}: config.json lacks {e}, which a {arch} needs") from None
+  return family.module(cfg, dtype, num_labels=num_labels), cfg, hf, family
 
 
 def abstract_params(module: Any) -> dict:
@@ -159,7 +222,7 @@ def abstract_params(module: Any) -> dict:
 
 
 def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
-         shardings: Optional[dict] = None) -> LoadedModel:
+         shardings: Optional[dict] = None, num_labels: int = 0) -> LoadedModel:
   """Loads an HF model directory into an ftjax module and parameter tree.
 
   Args:
@@ -168,25 +231,29 @@ def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
     param_dtype: the dtype parameters are stored in.
     shardings: {parameter path: jax.sharding.Sharding}; each tensor is then read straight into
       its shards (each device's slice from the memory-mapped file), never whole on one device.
+    num_labels: > 0 for a sequence classifier; a head the checkpoint lacks is left out of
+      `params` and listed in `LoadedModel.fresh`, for the caller to initialise.
 
   Raises:
     UserError: for a directory that is not a supported model, or tensors that do not fit.
   """
-  module, cfg, hf, family = build(model_dir, dtype)
+  module, cfg, hf, family = build(model_dir, dtype, num_labels)
   expected = tree.flatten(abstract_params(module))
   loaded: dict[str, Any] = {}
   for file in _safetensors_files(model_dir):
     with safe_open(file, framework="flax") as f:
       for name in f.keys():
         mapped = hf_to_path(family.table, name)
+        if mapped is None and not name.startswith(family.base_prefix):
+          mapped = hf_to_path(family.table, family.base_prefix + name)  # a bare base model
         if mapped is None:
           if any(re.match(p, name) for p in IGNORED):
             continue
           raise UserError(f"{model_dir}: unexpected tensor '{name}' for {cfg.family}")
         path, transpose = mapped
         if path not in expected:
-          if path == "lm_head/kernel":
-            continue  # a tied checkpoint may still carry lm_head.weight
+          if path == "lm_head/kernel" or _optional(family, path):
+            continue  # a tied checkpoint's lm_head copy, or a head this task does not use
           raise UserError(f"{model_dir}: tensor '{name}' has no place in this model's config")
         if path in loaded:
           raise UserError(f"{model_dir}: tensor '{name}' appears in more than one weight file")
@@ -203,11 +270,16 @@ def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
             part = np.asarray(piece[index[::-1] if transpose else index])
             return (part.T if transpose else part).astype(param_dtype)
           loaded[path] = jax.make_array_from_callback(shape, shardings[path], read)
-  missing = sorted(set(expected) - set(loaded))
+  fresh = sorted(p for p in set(expected) - set(loaded) if _optional(family, p))
+  missing = sorted(set(expected) - set(loaded) - set(fresh))
   if missing:
     names = [path_to_hf(family.table, p)[0] for p in missing[:3]]
     raise UserError(f"{model_dir}: missing {len(missing)} tensor(s), e.g. {', '.join(names)}")
-  return LoadedModel(module, cfg, tree.unflatten(loaded), hf, family)
+  return LoadedModel(module, cfg, tree.unflatten(loaded), hf, family, fresh)
+
+
+def _optional(family: Family, path: str) -> bool:
+  return path.split("/", 1)[0] in family.optional
 
 
 def load_tokenizer(model_dir: str):
@@ -231,9 +303,11 @@ MODEL_SIDE_FILES = ("generation_config.json", "tokenizer*", "special_tokens_map.
                     "*.model")
 
 
-def save_model(out_dir: str, params: dict, model_dir: str, table: list, dtype: str) -> None:
+def save_model(out_dir: str, params: dict, model_dir: str, table: list, dtype: str,
+               config_updates: Optional[dict] = None) -> None:
   """Writes base-model parameters as an HF model directory, with copies of the source
-  directory's config, tokenizer and template files. `dtype`: auto (the source's) | fp32 | bf16."""
+  directory's config (plus `config_updates`), tokenizer and template files. `dtype`: auto (the
+  source's) | fp32 | bf16."""
   import shutil  # pylint: disable=import-outside-toplevel
 
   from safetensors.flax import save_file  # pylint: disable=import-outside-toplevel
@@ -253,6 +327,7 @@ def save_model(out_dir: str, params: dict, model_dir: str, table: list, dtype: s
     if any(fnmatch.fnmatch(f, p) for p in MODEL_SIDE_FILES):
       shutil.copyfile(os.path.join(model_dir, f), os.path.join(out_dir, f))
   hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = name
+  hf.update(config_updates or {})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)
   save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})

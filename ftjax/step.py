@@ -1,4 +1,4 @@
-"""The pure train and eval steps, and the causal-LM loss.
+"""The pure train and eval steps, and the losses (causal LM and sequence classification).
 
 `train_step(state, frozen, batch) -> (state, metrics)` differentiates only the trainable
 parameters in `state.params`; `frozen` holds the rest. A batch arrives as (micro-batches, rows,
@@ -54,6 +54,22 @@ def token_losses(logits_BxLxV: jax.Array, batch: dict) -> tuple[jax.Array, jax.A
   return nll * weights, weights, correct * weights
 
 
+def class_losses(logits_BxC: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-row cross-entropy against `labels` (B, 1), row weights (0 for empty rows), and
+  weighted correct predictions: the classification counterpart of `token_losses`."""
+  labels = batch["labels"][:, 0]
+  weights = (labels >= 0).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+  correct = (jnp.argmax(logits_BxC, axis=-1) == labels).astype(jnp.float32)
+  return nll * weights, weights, correct * weights
+
+
+def losses(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`class_losses` for a classifier's (B, C) logits, else `token_losses`."""
+  return class_losses(logits, batch) if logits.ndim == 2 else token_losses(logits, batch)
+
+
 ApplyFn = Callable[..., jax.Array]  # (params, batch, dropout rng or None) -> logits
 
 
@@ -79,7 +95,7 @@ def distill_kl(student_BxLxV: jax.Array, teacher_BxLxV: jax.Array, weights: jax.
 
 def _scaled_loss_sum(params, frozen, batch, rng, scale, apply_fn, distill=None, teacher=None):
   logits = apply_fn(tree.merge(params, frozen), batch, rng)
-  nll, weights, _ = token_losses(logits, batch)
+  nll, weights, _ = losses(logits, batch)
   if distill is None:
     return nll.sum() * scale, (nll.sum(), weights.sum(), 0.0)
   teacher_logits = jax.lax.stop_gradient(distill.teacher_fn(teacher, batch))
@@ -149,6 +165,11 @@ def train_step(state: TrainState, frozen: dict, batch: dict, teacher: Optional[d
 
 
 def eval_step(params: dict, frozen: dict, batch: dict, *, apply_fn: ApplyFn) -> dict:
-  """Summed loss, trained-token count and correct next-token predictions of one batch."""
-  nll, weights, correct = token_losses(apply_fn(tree.merge(params, frozen), batch, None), batch)
-  return {"loss_sum": nll.sum(), "tokens": weights.sum(), "correct": correct.sum()}
+  """Summed loss, trained-token (or row) count and correct predictions of one batch; for a
+  classifier also each row's predicted label."""
+  logits = apply_fn(tree.merge(params, frozen), batch, None)
+  nll, weights, correct = losses(logits, batch)
+  out = {"loss_sum": nll.sum(), "tokens": weights.sum(), "correct": correct.sum()}
+  if logits.ndim == 2:
+    out["predicted"] = jnp.argmax(logits, axis=-1)
+  return out

@@ -20,10 +20,10 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ftjax import (checkpoint, config, data, generate, hf, loop, metrics, optim, peft, sharding,
+from ftjax import (checkpoint, config, data, evaluation, hf, loop, metrics, optim, peft, sharding,
                    step, tree)
+from ftjax.models import common
 from ftjax.peft import hf_adapter
 from ftjax.config import Config, UserError
 
@@ -62,8 +62,11 @@ def build_model(cfg: Config, tokenizer, skip_init_from: bool = False,
   With a `mesh`, every parameter is created in its shards (base weights read straight from the
   safetensors files into them) and `Model.layout` holds the shardings."""
   dtype = compute_dtype(cfg.precision.compute)
-  base, model_cfg, hf_cfg, family = hf.build(cfg.model.path, dtype)
-  base_paths = list(tree.flatten(hf.abstract_params(base)))
+  num_labels = len(cfg.data.labels) if cfg.data.format == "classification" else 0
+  base, model_cfg, hf_cfg, family = hf.build(cfg.model.path, dtype, num_labels)
+  # A classification head is never part of the frozen base: it always trains.
+  base_paths = [p for p in tree.flatten(hf.abstract_params(base))
+                if p.split("/", 1)[0] not in common.HEAD_MODULES]
   from_adapter: dict = {}
   if cfg.peft.init_from and not skip_init_from:
     method, fields, from_adapter, trained = hf_adapter.load(cfg.peft.init_from, family.table,
@@ -77,11 +80,14 @@ def build_model(cfg: Config, tokenizer, skip_init_from: bool = False,
           + (f", {len(trained)} trained base tensor(s)" if trained else ""))
     cfg.peft.trainable = sorted(set(cfg.peft.trainable) | {f"^{re.escape(p)}$" for p in trained})
   spec = peft.build_spec(cfg.peft, base_paths, model_cfg)
-  peft.check_context(spec, cfg.data.seq_len, hf_cfg.get("max_position_embeddings"),
+  peft.check_context(spec, cfg.data.seq_len, getattr(model_cfg, "max_positions", None)
+                     or hf_cfg.get("max_position_embeddings"),
                      cfg.model.path)
   module = base.clone(peft=spec, remat=cfg.train.remat)
   layout = sharding.param_shardings(module, mesh) if mesh is not None else None
-  loaded = hf.load(cfg.model.path, dtype, shardings=layout)
+  loaded = hf.load(cfg.model.path, dtype, shardings=layout, num_labels=num_labels)
+  if loaded.fresh:
+    base_paths = [p for p in base_paths if p not in loaded.fresh]
   text_ids = None
   if spec.method == "prompt" and spec.prompt_init == "text":
     text_ids = tokenizer(cfg.peft.prompt.init_text)["input_ids"]  # as PEFT does (BOS included)
@@ -125,38 +131,6 @@ def _teacher(cfg: Config, tokenizer, model_cfg, dtype, mesh):
           tree.unflatten(layout))
 
 
-def evaluate(eval_fn, params, frozen, examples, cfg: Config, pad_id: int) -> dict:
-  """Loss, perplexity and next-token accuracy over the eval examples."""
-  totals = {"loss_sum": 0.0, "tokens": 0.0, "correct": 0.0}
-  for batch in data.eval_batches(examples, cfg.eval.batch_size, cfg.data.seq_len, pad_id,
-                                 cfg.data.buckets):
-    out = eval_fn(params, frozen, batch)
-    for k in totals:
-      totals[k] += float(out[k])
-  n = max(totals["tokens"], 1.0)
-  loss = totals["loss_sum"] / n
-  return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))),
-          "eval_accuracy": totals["correct"] / n}
-
-
-def exact_match(module, params: dict, examples, tokenizer, cfg: Config, show: int = 2) -> float:
-  """Greedy completions of eval prompts compared with their reference completions."""
-  chosen = [ex for ex in examples if ex.prompt_len][:cfg.eval.samples]
-  if not chosen:
-    return float("nan")
-  outputs = generate.greedy(module, params, [ex.tokens[:ex.prompt_len].tolist() for ex in chosen],
-                            cfg.eval.max_new_tokens, tokenizer.eos_token_id)
-  hits = 0
-  for i, (ex, out) in enumerate(zip(chosen, outputs)):
-    got = tokenizer.decode(out, skip_special_tokens=True).strip()
-    want = tokenizer.decode(ex.tokens[ex.prompt_len:], skip_special_tokens=True).strip()
-    hits += got == want
-    if i < show:
-      prompt = tokenizer.decode(ex.tokens[:ex.prompt_len], skip_special_tokens=True)
-      print(f"  prompt: {prompt!r}\n  model:  {got!r}\n  want:   {want!r}")
-  return hits / len(chosen)
-
-
 def run(cfg: Config) -> dict:
   """Fine-tunes `cfg.model.path` on `cfg.data`; returns a summary (losses, eval, run dir)."""
   cfg = copy.deepcopy(cfg)  # peft.init_from and train.epochs resolve fields in place
@@ -174,13 +148,19 @@ def _run(cfg: Config) -> dict:
 
   # Cheap checks first: a bad model directory or data file fails before any weights load, and
   # data is tokenised (perhaps in forked workers) before JAX starts its threads.
-  _, model_cfg, _, _ = hf.build(cfg.model.path)
+  base_module, model_cfg, _, _ = hf.build(cfg.model.path)
   tokenizer = hf.load_tokenizer(cfg.model.path)
   pad_id = tokenizer.pad_token_id
-  if cfg.data.format == "classification":
-    raise UserError("data.format: classification needs a sequence-classification head, which "
-                    "ftjax.train does not have yet (python -m ftjax.data shows the data)")
+  classify = cfg.data.format == "classification"
+  if not classify and not getattr(base_module, "causal_lm", True):
+    raise UserError(f"{cfg.model.path} is an encoder: it trains with data.format: "
+                    "classification only")
+  for key, value in [("distill.teacher", cfg.distill.teacher), ("eval.samples", cfg.eval.samples)]:
+    if classify and value:
+      raise UserError(f"{key} works with causal-LM data formats, not data.format classification")
   loaded_data = data.load_splits(cfg.data, tokenizer)
+  if classify:
+    cfg.data.labels = list(loaded_data.labels)  # config.yaml records the label order
   train_examples = loaded_data.train.examples
   eval_examples = loaded_data.eval.examples if loaded_data.eval else []
   print(loaded_data.train.stats.describe("data.train", len(train_examples)))
@@ -211,6 +191,8 @@ def _run(cfg: Config) -> dict:
     raise UserError(f"train.batch_size / train.grad_accum ({cfg.train.batch_size} / "
                     f"{cfg.train.grad_accum}) must divide by mesh data x fsdp ({shards})")
   model = build_model(cfg, tokenizer, mesh=mesh)
+  if model.loaded.fresh:
+    print(f"initialised fresh (not in {cfg.model.path}): {', '.join(model.loaded.fresh)}")
   params, frozen = tree.split(model.params, model.trainable)
   params_sh, frozen_sh = tree.split(tree.unflatten(model.layout), model.trainable)
   n_train, n_total = tree.count(params), tree.count(model.params)
@@ -296,14 +278,11 @@ def _run(cfg: Config) -> dict:
   def run_eval(label: str, at: int, params: dict) -> Optional[dict]:
     if not eval_examples:
       return None
-    result = evaluate(eval_fn, params, frozen, eval_examples, cfg, pad_id)
-    line = f"[{label} step {at}] eval loss {result['eval_loss']:.4f}, " \
-           f"ppl {result['eval_ppl']:.2f}, token accuracy {result['eval_accuracy']:.3f}"
+    result = evaluation.evaluate(eval_fn, params, frozen, eval_examples, cfg, pad_id)
     if cfg.eval.samples:
-      result["exact_match"] = exact_match(model.module, tree.merge(params, frozen),
-                                          eval_examples, tokenizer, cfg)
-      line += f", exact match {result['exact_match']:.2f} ({cfg.eval.samples} prompts)"
-    print(line)
+      result.update(evaluation.generated(model.module, tree.merge(params, frozen),
+                                         eval_examples, tokenizer, cfg))
+    print(f"[{label} step {at}] {evaluation.describe(result)}")
     summary.setdefault("evals", {})[at] = result
     return result
 
@@ -346,8 +325,10 @@ def main(argv: Optional[list[str]] = None) -> int:
   before, after = summary.get("before"), summary.get("after")
   if before and after:
     line = f"held-out eval loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
-    if "exact_match" in after:
-      line += f", exact match {before['exact_match']:.2f} -> {after['exact_match']:.2f}"
+    for key, name in [("eval_accuracy", "accuracy"), ("eval_f1", "macro-F1"),
+                      ("eval_exact_match", "exact match"), ("eval_rouge_l", "ROUGE-L")]:
+      if key in after and (key != "eval_accuracy" or "eval_f1" in after):
+        line += f", {name} {before[key]:.3f} -> {after[key]:.3f}"
     print(line)
   if summary.get("interrupted"):
     print(f"interrupted at step {summary['final_step']}: checkpoint saved; run the same command "

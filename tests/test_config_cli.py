@@ -66,9 +66,17 @@ def _main(capsys, *words):
 
 @pytest.fixture
 def not_a_model(tmp_path):
+  path = tmp_path / "t5"
+  path.mkdir()
+  (path / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"]}))
+  return str(path)
+
+
+@pytest.fixture
+def incomplete_model(tmp_path):
   path = tmp_path / "bert"
   path.mkdir()
-  (path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+  (path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
   return str(path)
 
 
@@ -83,9 +91,9 @@ def malformed_jsonl(tmp_path):
 
 @pytest.mark.parametrize("case", ["unknown_key", "wrong_type", "missing_model", "no_config_json",
                                   "unsupported_arch", "missing_data", "malformed_jsonl",
-                                  "missing_field", "unsupported_activation"])
+                                  "missing_field", "unsupported_activation", "incomplete_config"])
 def test_cli_bad_input_is_one_clear_line(case, capsys, tmp_path, tiny_llama_dir, not_a_model,
-                                         malformed_jsonl):
+                                         malformed_jsonl, incomplete_model):
   gelu_model = tmp_path / "gelu"
   gelu_model.mkdir()
   with open(os.path.join(tiny_llama_dir, "config.json")) as f:
@@ -98,7 +106,10 @@ def test_cli_bad_input_is_one_clear_line(case, capsys, tmp_path, tiny_llama_dir,
       "missing_model": ([f"model.path={tmp_path / 'nope'}"], "model.path: directory not found"),
       "no_config_json": ([f"model.path={tmp_path}"], "is not an HF model directory"),
       "unsupported_arch": ([f"model.path={not_a_model}"],
-                           "architecture 'BertForMaskedLM' is not supported (supported: "),
+                           "architecture 'T5ForConditionalGeneration' is not supported "
+                           "(supported: "),
+      "incomplete_config": ([f"model.path={incomplete_model}"],
+                            "config.json lacks 'vocab_size', which a BertModel needs"),
       "missing_data": (good + [f"data.train={tmp_path / 'none.jsonl'}"], "data file not found"),
       "malformed_jsonl": (good + [f"data.train={malformed_jsonl}"],
                           "bad.jsonl: line 3 is malformed JSON"),

@@ -71,3 +71,4 @@ def test_generate_cli_run_equals_its_exported_adapter(tiny_llama_dir, reverse_da
     outputs.append(capsys.readouterr().out)
   assert outputs[0] == outputs[1] and outputs[0] != outputs[2]  # the adapter changed something
   assert generate.main(["--run", str(tmp_path / "run"), "--adapter", "x", "--prompt", "p"]) == 2
+

@@ -80,12 +80,15 @@ def _peft_config(kind):
                                                       prefix_projection=True,
                                                       encoder_hidden_size=24),
       "prompt": hf_peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+      "lora_conv1d": hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                        fan_in_fan_out=True, init_lora_weights=False),
   }[kind]
 
 
 @pytest.mark.parametrize("kind,family", [
     ("lora_rslora", "llama"), ("dora", "llama"), ("lora_head", "qwen2"), ("prefix", "llama"),
-    ("prefix_projection", "llama"), ("prefix", "mistral"), ("prompt", "llama")])
+    ("prefix_projection", "llama"), ("prefix", "mistral"), ("prompt", "llama"),
+    ("lora_conv1d", "gpt2"), ("prefix", "gpt2"), ("prompt", "gpt2")])
 def test_hf_peft_adapter_loads_with_matching_logits(kind, family, tmp_path):
   model_dir, adapter_dir = str(tmp_path / "model"), str(tmp_path / "adapter")
   tiny.save_model(model_dir, family)
@@ -97,7 +100,8 @@ def test_hf_peft_adapter_loads_with_matching_logits(kind, family, tmp_path):
       pm.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
   pm.save_pretrained(adapter_dir)
   pm.eval()
-  method = {"lora_rslora": "lora", "dora": "lora", "lora_head": "lora"}.get(kind, kind)
+  method = {"lora_rslora": "lora", "dora": "lora", "lora_head": "lora",
+            "lora_conv1d": "lora"}.get(kind, kind)
   method = "prefix" if method == "prefix_projection" else method
   cfg = _cfg(model_dir, f"peft.method={method}", f"peft.init_from={adapter_dir}")
   model = train.build_model(cfg, hf.load_tokenizer(model_dir))

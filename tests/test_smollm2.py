@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from ftjax import generate, hf
+from ftjax import config, data, evaluation, generate, hf
 
 pytestmark = pytest.mark.smollm2
 
@@ -94,3 +94,28 @@ def test_short_lora_run_lowers_held_out_loss_and_exports_to_peft(smollm2_dir, tm
     nll_sum += float((nll * weights).sum())
     count += float(weights.sum())
   assert abs(nll_sum / count - summary["after"]["eval_loss"]) < 1e-3
+
+
+def test_generation_metrics_score_greedy_outputs_against_references(smollm2_dir):
+  import sacrebleu  # pylint: disable=import-outside-toplevel
+  from rouge_score import rouge_scorer  # pylint: disable=import-outside-toplevel
+
+  model, tok = hf.load(smollm2_dir), hf.load_tokenizer(smollm2_dir)
+  prompts = [tok(p).input_ids for p in ("The capital of France is", "One, two, three,")]
+  outputs = generate.greedy(model.module, model.params, prompts, 10)
+  texts = [tok.decode(o, skip_special_tokens=True).strip() for o in outputs]
+  cfg = config.load(None, [f"model.path={smollm2_dir}", "data.train=x", "eval.samples=2",
+                           "eval.max_new_tokens=10"])
+  as_examples = lambda refs: [
+      data.Example(np.array(p + tok(" " + r, add_special_tokens=False).input_ids), np.zeros(1),
+                   len(p)) for p, r in zip(prompts, refs)]
+  same = evaluation.generated(model.module, model.params, as_examples(texts), tok, cfg, show=0)
+  assert same["eval_exact_match"] == same["eval_rouge_l"] == 1.0
+  assert same["eval_bleu"] == pytest.approx(100.0)
+  assert all(len(t.split()) >= 4 for t in texts), texts  # enough words for 4-gram BLEU
+  other = [texts[0], " ".join(texts[1].split()[:2] + ["and", "so", "on"])]
+  got = evaluation.generated(model.module, model.params, as_examples(other), tok, cfg, show=0)
+  want_rouge = rouge_scorer.RougeScorer(["rougeL"]).score(other[1], texts[1])["rougeL"].fmeasure
+  assert got["eval_exact_match"] == 0.5
+  assert got["eval_rouge_l"] == pytest.approx((1.0 + want_rouge) / 2)
+  assert got["eval_bleu"] == pytest.approx(sacrebleu.corpus_bleu(texts, [other]).score)

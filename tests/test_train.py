@@ -133,5 +133,7 @@ def test_run_directory_contents(tiny_llama_dir, reverse_data, tmp_path):
   for r in records:
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
   assert "eval_loss" in records[1] and "eval_loss" in records[3] and "eval_loss" not in records[0]
+  for key in ("eval_exact_match", "eval_rouge_l", "eval_bleu"):  # generation metrics are logged
+    assert key in records[1] and key in records[3]
   assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
   assert os.listdir(os.path.join(out, "tensorboard"))

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 import tiny
 from conftest import REPO
-from ftjax import checkpoint, config, data, export, hf, optim, step, train, tree
+from ftjax import checkpoint, config, data, evaluation, export, hf, optim, step, train, tree
 
 
 def _cfg(model_dir, out_dir="unused", *words, **overrides):
@@ -260,7 +260,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_llama_dir, tmp_path):
                            tok)
   eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=train._apply_fn(best.module)))
   examples = data.load(eval_file, cfg.data, tok)
-  result = train.evaluate(eval_fn, best.params, {}, examples, cfg, tok.pad_token_id)
+  result = evaluation.evaluate(eval_fn, best.params, {}, examples, cfg, tok.pad_token_id)
   assert result["eval_loss"] == pytest.approx(evals[best_step], rel=1e-5)
   again = train.run(cfg)  # re-running a run that stopped early does nothing
   assert again["final_step"] == stopped and again["stopped_early"] == stopped

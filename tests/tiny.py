@@ -14,10 +14,22 @@ CORPUS = [
     "0 1 2 3 4 5 6 7 8 9 + - = ? ! . , : ;",
 ]
 
+_LLAMA = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+              pad_token_id=0)
+# family: (config class, causal-LM (or base) class, classifier class, config kwargs)
 FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification", _LLAMA),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "MistralForSequenceClassification",
+                {**_LLAMA, "sliding_window": 8}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", _LLAMA),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", "GPT2ForSequenceClassification",
+             dict(vocab_size=320, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    "bert": ("BertConfig", "BertModel", "BertForSequenceClassification",
+             dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=128, pad_token_id=0)),
 }
 
 
@@ -42,33 +54,30 @@ def make_tokenizer(vocab_size: int = 256):
 def hf_config(family: str = "llama", **overrides):
   import transformers
 
-  config_cls, _, extra = FAMILIES[family]
-  kwargs = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                pad_token_id=0)
-  kwargs.update(extra)
-  kwargs.update(overrides)
-  return getattr(transformers, config_cls)(**kwargs)
+  config_cls, _, _, kwargs = FAMILIES[family]
+  return getattr(transformers, config_cls)(**{**kwargs, **overrides})
 
 
-def make_model(family: str = "llama", seed: int = 0, **overrides):
-  """A random HF PyTorch model; weights are perturbed so norms and biases are not trivial."""
+def make_model(family: str = "llama", seed: int = 0, classifier: bool = False, **overrides):
+  """A random HF PyTorch model (the family's sequence classifier with `classifier`, given
+  `num_labels`); weights are perturbed so norms and biases are not trivial."""
   import torch
   import transformers
 
   torch.manual_seed(seed)
-  model = getattr(transformers, FAMILIES[family][1])(hf_config(family, **overrides)).eval()
+  cls = FAMILIES[family][2 if classifier else 1]
+  model = getattr(transformers, cls)(hf_config(family, **overrides)).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith("bias") or "norm" in name:
+      if name.endswith("bias") or "norm" in name.lower() or ".ln_" in name:
         p.add_(0.1 * torch.randn_like(p))
   return model
 
 
-def save_model(path: str, family: str = "llama", seed: int = 0, **overrides):
+def save_model(path: str, family: str = "llama", seed: int = 0, classifier: bool = False,
+               **overrides):
   """Writes a tiny HF model directory (config.json, model.safetensors, tokenizer) to `path`."""
-  model = make_model(family, seed, **overrides)
+  model = make_model(family, seed, classifier, **overrides)
   model.save_pretrained(path, safe_serialization=True)
   make_tokenizer().save_pretrained(path)
   return model

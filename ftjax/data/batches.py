@@ -41,7 +41,7 @@ def fit(length: int, lengths: list[int]) -> int:
 
 def collate(rows: list[list[Example]], length: int, pad_id: int) -> dict[str, np.ndarray]:
   """Rows of examples, right-padded to `length`: tokens, positions, segment_ids (0 = padding),
-  loss_mask, and `labels` (-1 for empty rows) when the examples are labelled."""
+  loss_mask, and `labels` (b, 1) (-1 for empty rows) when the examples are labelled."""
   b = len(rows)
   batch = {
       "tokens": np.full((b, length), pad_id, np.int32),
@@ -51,7 +51,7 @@ def collate(rows: list[list[Example]], length: int, pad_id: int) -> dict[str, np
   }
   labelled = any(ex.label >= 0 for row in rows for ex in row)
   if labelled:
-    batch["labels"] = np.full((b,), -1, np.int32)
+    batch["labels"] = np.full((b, 1), -1, np.int32)
   for i, row in enumerate(rows):
     at = 0
     for seg, ex in enumerate(row, start=1):
@@ -62,7 +62,7 @@ def collate(rows: list[list[Example]], length: int, pad_id: int) -> dict[str, np
       batch["loss_mask"][i, at:at + n] = ex.loss_mask
       at += n
     if labelled and row:
-      batch["labels"][i] = row[0].label
+      batch["labels"][i, 0] = row[0].label
   return batch
 
 

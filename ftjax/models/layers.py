@@ -1,4 +1,4 @@
-"""Building blocks shared by the model families: dense, embedding, RMSNorm, RoPE, attention.
+"""Building blocks shared by the model families: dense, embedding, norms, RoPE, attention.
 
 Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`, `mlp`,
 `vocab`, `norm`) so one rules table can later map them to a device mesh. Parameters live in
@@ -90,6 +90,41 @@ class RMSNorm(nn.Module):
     return (scale.astype(jnp.float32) * x32).astype(self.dtype)
 
 
+class LayerNorm(nn.Module):
+  """(x - mean) / std * scale + bias, computed in fp32 (GPT-2, BERT)."""
+
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                      (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+# HF `hidden_act` names -> functions (gelu_new and gelu_pytorch_tanh are the tanh approximation).
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+
+
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> jax.Array:
   """Inverse frequencies (head_dim/2,) for rotary embeddings, with HF's `rope_scaling` types.
 
@@ -126,19 +161,23 @@ def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Arr
 
 
 def attention_mask(q_index: jax.Array, k_index: jax.Array, q_seg_BxL: jax.Array,
-                   k_seg_BxS: jax.Array, sliding_window: Optional[int] = None) -> jax.Array:
-  """Boolean (B, 1, L, S) mask: causal by index, never across segments.
+                   k_seg_BxS: jax.Array, sliding_window: Optional[int] = None,
+                   causal: bool = True) -> jax.Array:
+  """Boolean (B, 1, L, S) mask: causal by index (unless `causal` is false: encoders), never
+  across segments.
 
   Indices are (L,)/(S,) buffer indices shared by the batch, or (B, L)/(B, S) per row. Segment ids
   separate packed examples and padding (id 0): a query sees only keys of its own segment at or
   before its own index, so padding and packing are exact.
   """
-  q, k = jnp.atleast_2d(q_index)[:, :, None], jnp.atleast_2d(k_index)[:, None, :]
-  causal = k <= q
-  if sliding_window:
-    causal &= k > q - sliding_window
   same = q_seg_BxL[:, :, None] == k_seg_BxS[:, None, :]
-  return (causal & same)[:, None]
+  if not causal:
+    return same[:, None]
+  q, k = jnp.atleast_2d(q_index)[:, :, None], jnp.atleast_2d(k_index)[:, None, :]
+  seen = k <= q
+  if sliding_window:
+    seen &= k > q - sliding_window
+  return (seen & same)[:, None]
 
 
 def dot_product_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
@@ -158,3 +197,10 @@ def dot_product_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
   probs = probs.astype(v_BxSxKxD.dtype)
   out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxD)
   return out.reshape(b, l, h, d)
+
+
+def last_token(h_BxLxD: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+  """Each row's hidden state at its last non-padding token (B, D): what a decoder's
+  sequence-classification head reads (rows are right-padded, one example each)."""
+  last = jnp.maximum(jnp.sum(segment_ids_BxL > 0, axis=1) - 1, 0)
+  return jnp.take_along_axis(h_BxLxD, last[:, None, None], axis=1)[:, 0]

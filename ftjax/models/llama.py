@@ -19,10 +19,8 @@ import jax.numpy as jnp
 
 from ftjax import peft as peft_lib
 from ftjax.config import UserError
-from ftjax.models import layers
+from ftjax.models import common, layers
 from ftjax.peft.adapter import Adapter
-from ftjax.peft.prefix import Prefix
-from ftjax.peft.prompt import Prompt
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -195,14 +193,9 @@ class DecoderLayer(nn.Module):
     return h_BxLxD + ffn, kv_cache
 
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-}
-
-
 class Llama(nn.Module):
-  """Decoder-only LM. `__call__` returns (logits_BxLxV in fp32, updated cache or None).
+  """Decoder-only LM. `__call__` returns (logits_BxLxV in fp32, updated cache or None), or with
+  `num_labels` the classification logits (B, num_labels) of each row's last token.
 
   Under prompt tuning the soft tokens are prepended when `virtual_tokens` is true (always in
   training; only in the prefill during generation) and their logits are dropped.
@@ -212,50 +205,22 @@ class Llama(nn.Module):
   dtype: Any = jnp.float32
   peft: peft_lib.Spec = peft_lib.NONE
   remat: str = "none"  # none | full | dots: recompute each layer's activations in backward
+  num_labels: int = 0  # > 0: a sequence classifier returning (B, num_labels) logits
+
+  embed_path = "embed_tokens/embedding"
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: Optional[dict] = None,
                virtual_tokens: bool = True):
     cfg, spec = self.cfg, self.peft
     embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
-    h = embed(tokens_BxL)
-    positions_BxL = positions_BxL + spec.virtual_tokens  # real tokens follow the virtual ones
-    soft = spec.prompt_len if virtual_tokens else 0
-    if soft:
-      b = tokens_BxL.shape[0]
-      prompt = Prompt(spec.prompt_len, cfg.hidden_size, name="prompt")().astype(self.dtype)
-      h = jnp.concatenate([jnp.broadcast_to(prompt[None], (b, *prompt.shape)), h], axis=1)
-      row_seg = jnp.max(segment_ids_BxL, axis=1, keepdims=True)  # unpacked rows: 1 (0 if empty)
-      segment_ids_BxL = jnp.concatenate([jnp.broadcast_to(row_seg, (b, soft)), segment_ids_BxL], 1)
-      positions_BxL = jnp.concatenate(
-          [jnp.broadcast_to(jnp.arange(soft), (b, soft)), positions_BxL], axis=1)
-    l = h.shape[1]
-    if cache is None:
-      q_index = k_index = jnp.arange(l)
-      k_seg, index = segment_ids_BxL, None
-    else:  # keys are the whole cache buffer; this call's tokens are written at `index`
-      index = cache["index"]
-      q_index = index + jnp.arange(l)
-      k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, index))
-      k_index = jnp.arange(k_seg.shape[1])
-    masks = {w: layers.attention_mask(q_index, k_index, segment_ids_BxL, k_seg, w)
-             for w in set(cfg.sliding_windows or (None,))}
-    prefixes = None
-    if spec.prefix_len:
-      prefixes = Prefix(spec.prefix_len, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                        spec.prefix_hidden, self.dtype, name="prefix")()
-      # Prefix slots are cache positions 0..m-1 before the real tokens, as HF holds them: every
-      # real query sees them, except where a sliding window has moved past (counted from the
-      # query's position in its own example when packed; from its buffer index when decoding).
-      m = spec.prefix_len
-      q_at = q_index + m if cache is not None else positions_BxL
-      masks = {w: jnp.concatenate([layers.attention_mask(
-          q_at, jnp.arange(m), segment_ids_BxL > 0, jnp.ones((1, m), bool), w), mask], -1)
-               for w, mask in masks.items()}
-
+    h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
+        embed(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
+    masks, prefixes, index, k_seg = common.masks_and_prefixes(positions_BxL, segment_ids_BxL,
+                                                              cache, spec, cfg, self.dtype)
     layer_cls = DecoderLayer
     if self.remat != "none":
-      layer_cls = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat])
+      layer_cls = nn.remat(DecoderLayer, policy=layers.REMAT_POLICIES[self.remat])
     new_layers = []
     for i in range(cfg.num_layers):
       window = cfg.sliding_windows[i] if cfg.sliding_windows else None
@@ -265,13 +230,15 @@ class Llama(nn.Module):
           None if prefixes is None else prefixes[i])
       new_layers.append(kv)
     h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h[:, soft:])
+    if self.num_labels:
+      return common.score(h, segment_ids_BxL[:, soft:], self.num_labels, self.dtype), None
     if cfg.tie_word_embeddings:
       logits = embed.attend(h)
     else:
       logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), False, self.dtype, peft=spec,
                             name="lm_head")(h)
     if cache is not None:
-      cache = {"index": index + l, "segment_ids": k_seg, "layers": new_layers}
+      cache = {"index": index + h.shape[1] + soft, "segment_ids": k_seg, "layers": new_layers}
     return logits.astype(jnp.float32), cache
 
 

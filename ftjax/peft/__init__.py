@@ -78,8 +78,9 @@ def build_spec(cfg: PeftConfig, base_paths: list[str], model_cfg) -> Spec:
 def check_context(spec: Spec, seq_len: int, max_positions: Optional[int], where: str) -> None:
   """Virtual tokens plus the longest sequence must fit the model's position range."""
   if max_positions and spec.virtual_tokens + seq_len > max_positions:
-    raise UserError(f"peft.{spec.method}.length ({spec.virtual_tokens}) + data.seq_len "
-                    f"({seq_len}) exceeds the context of {where} ({max_positions} positions)")
+    what = f"peft.{spec.method}.length ({spec.virtual_tokens}) + " if spec.virtual_tokens else ""
+    raise UserError(f"{what}data.seq_len ({seq_len}) exceeds the context of {where} "
+                    f"({max_positions} positions)")
 
 
 def init(module, base: dict, rng: jax.Array, text_ids: Optional[list[int]] = None) -> dict:
@@ -98,7 +99,7 @@ def init(module, base: dict, rng: jax.Array, text_ids: Optional[list[int]] = Non
   if spec.method == "lora":
     flat = lora.finish(spec, flat)
   elif spec.method == "prompt":
-    flat = prompt.finish(spec, flat, finish_rng, text_ids)
+    flat = prompt.finish(spec, flat, finish_rng, text_ids, module.embed_path)
   return tree.unflatten(flat)
 
 

@@ -40,8 +40,9 @@ def _hf_module(table: list, module_path: str) -> str:
 
 
 def save(out_dir: str, spec, params: dict, trained_base: set[str], table: list, model_cfg,
-         base_model: str) -> None:
-  """Writes an HF PEFT adapter; trained base modules go out as `modules_to_save`.
+         base_model: str, task_type: str = "CAUSAL_LM") -> None:
+  """Writes an HF PEFT adapter; trained base modules (and a classification head, for
+  `task_type` SEQ_CLS) go out as `modules_to_save`.
 
   Raises:
     UserError: for a method or a set of trained base parameters PEFT cannot hold.
@@ -53,6 +54,7 @@ def save(out_dir: str, spec, params: dict, trained_base: set[str], table: list, 
   flat = tree.flatten(params)
   if spec.method == "lora":
     config, tensors = lora.to_peft(spec, flat, lambda m: _hf_module(table, m))
+    config["fan_in_fan_out"] = model_cfg.family == "gpt2"  # Conv1D (in, out) weights
   else:
     config, tensors = METHODS[spec.method].to_peft(spec, flat, model_cfg)
   modules = sorted({p.rsplit("/", 1)[0] for p in trained_base})
@@ -76,7 +78,7 @@ def save(out_dir: str, spec, params: dict, trained_base: set[str], table: list, 
     array = np.asarray(flat[p], np.float32)
     tensors[_prefix(spec.method) + name] = array.T if transpose else array
   names = sorted({hf.path_to_hf(table, p)[0].rsplit(".", 1)[0] for p in trained_base})
-  config.update({"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+  config.update({"task_type": task_type, "base_model_name_or_path": base_model,
                  "inference_mode": True, "modules_to_save": names or None})
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
@@ -125,6 +127,8 @@ def load(adapter_dir: str, table: list, model_cfg) -> tuple[str, dict, dict, set
                     f"(supported: {', '.join(PEFT_TYPES)})")
   method = PEFT_TYPES[kind]
   for key in UNSUPPORTED:
+    if key == "fan_in_fan_out" and model_cfg.family == "gpt2":
+      continue  # GPT-2's Conv1D weights are (in, out): PEFT sets it for them
     if adapter.get(key) not in (None, False, {}, []):
       raise UserError(f"{config_file}: {key}={adapter[key]!r} is not supported")
   if adapter.get("bias", "none") != "none":

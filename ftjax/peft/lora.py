@@ -29,13 +29,14 @@ LEAVES = ("lora_a", "lora_b", "lora_magnitude")
 def modules(cfg: LoraConfig, paths: list[str]) -> frozenset[str]:
   """The dense modules LoRA wraps: those whose kernel path a target pattern finds.
 
-  `all-linear` means every dense layer except the output head (as in HF PEFT).
+  `all-linear` means every dense layer except the output and classification heads (as in HF
+  PEFT).
   """
   kernels = [p for p in paths if p.endswith("/kernel")]
   patterns = [t for t in cfg.targets if t != "all-linear"]
   found = tree.match(patterns, kernels, "peft.lora.targets")
   if "all-linear" in cfg.targets:
-    found |= {p for p in kernels if not p.startswith("lm_head/")}
+    found |= {p for p in kernels if p.split("/", 1)[0] not in ("lm_head", "score", "classifier")}
   return frozenset(p.rsplit("/", 1)[0] for p in found)
 
 

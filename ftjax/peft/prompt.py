@@ -29,9 +29,10 @@ class Prompt(nn.Module):
         nn.initializers.normal(0.02), (None, "embed")), (self.length, self.features))
 
 
-def finish(spec, flat: dict, rng: jax.Array, text_ids: Optional[list[int]]) -> dict:
-  """Initialises the soft tokens from the loaded embedding table."""
-  table = flat["embed_tokens/embedding"]
+def finish(spec, flat: dict, rng: jax.Array, text_ids: Optional[list[int]],
+           embed_path: str = "embed_tokens/embedding") -> dict:
+  """Initialises the soft tokens from the loaded token-embedding table at `embed_path`."""
+  table = flat[embed_path]
   m = spec.prompt_len
   if spec.prompt_init == "text":
     ids = np.resize(np.asarray(text_ids, np.int32), m)  # repeated, then cut to m

@@ -1,0 +1,84 @@
+"""What every family's top-level module does around its layers: soft prompts, attention masks,
+prefixes and the sequence-classification head.
+
+The functions run inside a module's `@nn.compact` method, so the submodules they create (the
+soft prompt, the prefix, the score head) land in that module's scope under fixed names:
+`prompt`, `prefix`, `score`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ftjax.models import layers
+from ftjax.peft.prefix import Prefix
+from ftjax.peft.prompt import Prompt
+
+# The parameter names of each family's classification head (trained and exported with it).
+HEAD_MODULES = ("score", "classifier")
+
+
+def soft_prompt(h_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+                spec, dtype: Any, virtual_tokens: bool = True):
+  """Shifts real positions past the virtual tokens and, under prompt tuning, prepends the soft
+  tokens (only in training and in a generation's prefill: `virtual_tokens`).
+
+  Returns (h, positions, segment_ids, number of soft tokens prepended).
+  """
+  positions_BxL = positions_BxL + spec.virtual_tokens  # real tokens follow the virtual ones
+  soft = spec.prompt_len if virtual_tokens else 0
+  if soft:
+    b, d = h_BxLxD.shape[0], h_BxLxD.shape[-1]
+    prompt = Prompt(spec.prompt_len, d, name="prompt")().astype(dtype)
+    h_BxLxD = jnp.concatenate([jnp.broadcast_to(prompt[None], (b, *prompt.shape)), h_BxLxD], 1)
+    row_seg = jnp.max(segment_ids_BxL, axis=1, keepdims=True)  # unpacked rows: 1 (0 if empty)
+    segment_ids_BxL = jnp.concatenate([jnp.broadcast_to(row_seg, (b, soft)), segment_ids_BxL], 1)
+    positions_BxL = jnp.concatenate(
+        [jnp.broadcast_to(jnp.arange(soft), (b, soft)), positions_BxL], axis=1)
+  return h_BxLxD, positions_BxL, segment_ids_BxL, soft
+
+
+def masks_and_prefixes(positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+                       cache: Optional[dict], spec, cfg, dtype: Any, causal: bool = True):
+  """Attention masks per distinct sliding window, and prefix-tuning keys/values per layer.
+
+  Returns ({window: mask}, prefixes (layers, 2, m, kv_heads, head_dim) or None, the cache
+  write index or None, the keys' segment ids).
+  """
+  l = segment_ids_BxL.shape[1]
+  if cache is None:
+    q_index = k_index = jnp.arange(l)
+    k_seg, index = segment_ids_BxL, None
+  else:  # keys are the whole cache buffer; this call's tokens are written at `index`
+    index = cache["index"]
+    q_index = index + jnp.arange(l)
+    k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxL, (0, index))
+    k_index = jnp.arange(k_seg.shape[1])
+  windows = set(getattr(cfg, "sliding_windows", None) or (None,))
+  masks = {w: layers.attention_mask(q_index, k_index, segment_ids_BxL, k_seg, w, causal)
+           for w in windows}
+  prefixes = None
+  if spec.prefix_len:
+    prefixes = Prefix(spec.prefix_len, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                      spec.prefix_hidden, dtype, name="prefix")()
+    # Prefix slots are cache positions 0..m-1 before the real tokens, as HF holds them: every
+    # real query sees them, except where a sliding window has moved past (counted from the
+    # query's position in its own example when packed; from its buffer index when decoding).
+    m = spec.prefix_len
+    q_at = q_index + m if cache is not None else positions_BxL
+    masks = {w: jnp.concatenate([layers.attention_mask(
+        q_at, jnp.arange(m), segment_ids_BxL > 0, jnp.ones((1, m), bool), w), mask], -1)
+             for w, mask in masks.items()}
+  return masks, prefixes, index, k_seg
+
+
+def score(h_BxLxD: jax.Array, segment_ids_BxL: jax.Array, num_labels: int, dtype: Any
+          ) -> jax.Array:
+  """A decoder's classification head: a bias-free `score` projection of each row's last
+  non-padding token (HF's *ForSequenceClassification), in fp32."""
+  pooled = layers.last_token(h_BxLxD, segment_ids_BxL)
+  logits = layers.Dense(num_labels, ("embed", None), False, dtype, name="score")(pooled)
+  return logits.astype(jnp.float32)

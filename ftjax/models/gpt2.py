@@ -1,0 +1,184 @@
+"""GPT-2: learned absolute positions, pre-LayerNorm blocks, a fused q/k/v projection, GELU MLP
+and an output head tied to the token embeddings.
+
+HF stores GPT-2's projections as `Conv1D` with (in, out) weights, the layout of ftjax kernels,
+so the mapping table transposes nothing. Parameter paths follow HF's module names (`h_3/attn/
+c_attn/kernel`), so PEFT target names (`c_attn`, `c_proj`, `c_fc`) work unchanged. Dropout
+(embeddings, attention probabilities, residual branches) runs only in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ftjax import peft as peft_lib
+from ftjax.config import UserError
+from ftjax.models import common, layers
+from ftjax.peft.adapter import Adapter
+
+ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2",
+                 "GPT2ForSequenceClassification": "gpt2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  max_positions: int
+  layer_norm_eps: float = 1e-5
+  activation: str = "gelu_new"
+  embd_dropout: float = 0.0
+  attention_dropout: float = 0.0
+  resid_dropout: float = 0.0
+  tie_word_embeddings: bool = True
+  family: str = "gpt2"
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @classmethod
+  def from_hf(cls, hf: dict) -> "GPT2Config":
+    act = hf.get("activation_function", "gelu_new")
+    if act not in layers.ACTIVATIONS:
+      raise UserError(f"activation_function '{act}' is not supported")
+    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+      raise UserError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
+    if hf.get("add_cross_attention"):
+      raise UserError("GPT-2 with cross-attention is not supported")
+    if not hf.get("tie_word_embeddings", True):
+      raise UserError("GPT-2 with an untied output head is not supported")
+    width = hf["n_embd"]
+    return cls(vocab_size=hf["vocab_size"], hidden_size=width,
+               intermediate_size=hf.get("n_inner") or 4 * width, num_layers=hf["n_layer"],
+               num_heads=hf["n_head"], max_positions=hf["n_positions"],
+               layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=act,
+               embd_dropout=float(hf.get("embd_pdrop", 0.0)),
+               attention_dropout=float(hf.get("attn_pdrop", 0.0)),
+               resid_dropout=float(hf.get("resid_pdrop", 0.0)))
+
+
+def _dropout(module: nn.Module, rate: float, x: jax.Array) -> jax.Array:
+  if rate and module.has_rng("dropout"):  # training only
+    return nn.Dropout(rate, deterministic=False)(x)
+  return x
+
+
+class Attention(nn.Module):
+  cfg: GPT2Config
+  dtype: Any = jnp.float32
+  peft: peft_lib.Spec = peft_lib.NONE
+
+  @nn.compact
+  def __call__(self, h_BxLxD, mask, kv_cache=None, cache_index=None, prefix_kv=None):
+    cfg = self.cfg
+    b, l, d = h_BxLxD.shape
+    qkv = layers.Dense(3 * d, ("embed", "heads"), True, self.dtype, peft=self.peft,
+                       name="c_attn")(h_BxLxD)
+    q, k, v = (x.reshape(b, l, cfg.num_heads, cfg.head_dim) for x in jnp.split(qkv, 3, -1))
+    if kv_cache is not None:
+      k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype),
+                                       (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype),
+                                       (0, cache_index, 0, 0))
+      kv_cache = (k, v)
+    k, v = k.astype(self.dtype), v.astype(self.dtype)
+    if prefix_kv is not None:
+      pk, pv = (jnp.broadcast_to(x[None], (b, *x.shape)) for x in prefix_kv)
+      k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+    dropout = None
+    if cfg.attention_dropout and self.has_rng("dropout"):
+      dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
+    out = layers.dot_product_attention(q, k, v, mask, dropout).reshape(b, l, d)
+    out = layers.Dense(d, ("heads", "embed"), True, self.dtype, peft=self.peft,
+                       name="c_proj")(out)
+    return _dropout(self, cfg.resid_dropout, out), kv_cache
+
+
+class MLP(nn.Module):
+  cfg: GPT2Config
+  dtype: Any = jnp.float32
+  peft: peft_lib.Spec = peft_lib.NONE
+
+  @nn.compact
+  def __call__(self, h_BxLxD):
+    cfg = self.cfg
+    dense = lambda n, axes, name: layers.Dense(n, axes, True, self.dtype, peft=self.peft,
+                                               name=name)
+    up = layers.ACTIVATIONS[cfg.activation](
+        dense(cfg.intermediate_size, ("embed", "mlp"), "c_fc")(h_BxLxD))
+    return _dropout(self, cfg.resid_dropout, dense(cfg.hidden_size, ("mlp", "embed"), "c_proj")(up))
+
+
+class Block(nn.Module):
+  cfg: GPT2Config
+  dtype: Any = jnp.float32
+  peft: peft_lib.Spec = peft_lib.NONE
+
+  @nn.compact
+  def __call__(self, h_BxLxD, mask, kv_cache=None, cache_index=None, prefix_kv=None):
+    norm = lambda name: layers.LayerNorm(self.cfg.layer_norm_eps, self.dtype, name=name)
+    spec = self.peft
+    adapter = lambda name: Adapter(spec.adapter_size, spec.adapter_activation, self.dtype,
+                                   name=f"{name}_adapter")
+    attn, kv_cache = Attention(self.cfg, self.dtype, spec, name="attn")(
+        norm("ln_1")(h_BxLxD), mask, kv_cache, cache_index, prefix_kv)
+    if "attn" in spec.adapter_positions:
+      attn = adapter("attn")(attn)
+    h_BxLxD = h_BxLxD + attn
+    ffn = MLP(self.cfg, self.dtype, spec, name="mlp")(norm("ln_2")(h_BxLxD))
+    if "ffn" in spec.adapter_positions:
+      ffn = adapter("ffn")(ffn)
+    return h_BxLxD + ffn, kv_cache
+
+
+class GPT2(nn.Module):
+  """GPT-2 LM. `__call__` matches `llama.Llama`: (logits_BxLxV in fp32, cache), or with
+  `num_labels` the classification logits (B, num_labels) of each row's last token."""
+
+  cfg: GPT2Config
+  dtype: Any = jnp.float32
+  peft: peft_lib.Spec = peft_lib.NONE
+  remat: str = "none"
+  num_labels: int = 0
+
+  embed_path = "wte/embedding"
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: Optional[dict] = None,
+               virtual_tokens: bool = True):
+    cfg, spec = self.cfg, self.peft
+    wte = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="wte")
+    h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
+        wte(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
+    wpe = layers.Embed(cfg.max_positions, cfg.hidden_size, self.dtype, name="wpe")
+    h = _dropout(self, cfg.embd_dropout, h + wpe(positions_BxL))
+    masks, prefixes, index, k_seg = common.masks_and_prefixes(positions_BxL, segment_ids_BxL,
+                                                              cache, spec, cfg, self.dtype)
+    block = Block if self.remat == "none" else nn.remat(Block,
+                                                        policy=layers.REMAT_POLICIES[self.remat])
+    new_layers = []
+    for i in range(cfg.num_layers):
+      kv = cache["layers"][i] if cache is not None else None
+      h, kv = block(cfg, self.dtype, spec, name=f"h_{i}")(
+          h, masks[None], kv, index, None if prefixes is None else prefixes[i])
+      new_layers.append(kv)
+    h = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name="ln_f")(h[:, soft:])
+    if self.num_labels:
+      return common.score(h, segment_ids_BxL[:, soft:], self.num_labels, self.dtype), None
+    logits = wte.attend(h)
+    if cache is not None:
+      cache = {"index": index + h.shape[1] + soft, "segment_ids": k_seg, "layers": new_layers}
+    return logits.astype(jnp.float32), cache

@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Writes the classification quickstart task: the topic of a short sentence (4 labels).
+
+Sentences are built from templates, topic words and shared filler, so the label is never one
+fixed word. An encoder with a fresh classification head starts near chance (25%); a short
+fine-tune learns it. The files in data/topics/ were written by this script with its defaults:
+
+  python scripts/make_classification_data.py --out data/topics
+"""
+
+import argparse
+import json
+import os
+import random
+
+TOPICS = {
+    "sports": "the match|the final|our striker|the goalkeeper|the coach|the marathon|the league|"
+              "a penalty kick|the relay team|the tennis player|the home crowd|the referee",
+    "food": "the soup|the chef|fresh bread|the curry|a ripe mango|the bakery|the pasta sauce|"
+            "dessert|the grilled fish|the spice market|the dumplings|breakfast",
+    "weather": "the storm|heavy rain|the forecast|a cold front|the fog|the heatwave|thunder|"
+               "the snowfall|strong wind|the humidity|the sunny spell|a hail shower",
+    "technology": "the new phone|the software update|the laptop|the server|the app|the robot|"
+                  "the chip maker|the battery|the network|the database|the startup|the compiler",
+}
+TEMPLATES = [
+    "{a} surprised everyone {when}.", "I heard that {a} was the talk of the town {when}.",
+    "{when}, {a} and {b} made the news.", "Nobody expected {a} to matter so much {when}.",
+    "People kept talking about {a} {when}.", "{a} was better than {b} {when}, they said.",
+    "My neighbour complained about {a} {when}.", "According to the report, {a} changed {when}.",
+]
+WHEN = ["yesterday", "last weekend", "this morning", "all week", "on Monday", "after lunch",
+        "in the city", "at the festival", "during the holidays", "again"]
+
+
+def example(rng: random.Random) -> dict:
+  label = rng.choice(sorted(TOPICS))
+  a, b = rng.sample(TOPICS[label].split("|"), 2)
+  text = rng.choice(TEMPLATES).format(a=a, b=b, when=rng.choice(WHEN))
+  return {"text": text[0].upper() + text[1:], "label": label}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default="data/topics")
+  parser.add_argument("--train", type=int, default=800)
+  parser.add_argument("--eval", type=int, default=200)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  rng = random.Random(args.seed)
+  seen, rows = set(), []
+  while len(rows) < args.train + args.eval:
+    ex = example(rng)
+    if ex["text"] not in seen:  # held-out sentences never appear in training
+      seen.add(ex["text"])
+      rows.append(ex)
+  os.makedirs(args.out, exist_ok=True)
+  for name, part in (("train", rows[:args.train]), ("eval", rows[args.train:])):
+    with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in part)
+  print(f"wrote {args.train} train and {args.eval} eval examples to {args.out}")
+
+
+if __name__ == "__main__":
+  main()
