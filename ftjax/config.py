@@ -26,6 +26,8 @@ class UserError(Exception):
 @dataclasses.dataclass
 class ModelConfig:
   path: str = ""  # a local HF model directory (config.json, *.safetensors, tokenizer files)
+  # auto: cuDNN's fused flash attention on GPUs in bf16/fp16 when rows are unpacked, else xla
+  attention: Literal["auto", "xla", "cudnn"] = "auto"
 
 
 @dataclasses.dataclass
@@ -342,6 +344,8 @@ def _validate(cfg: Config) -> None:
        "set data.eval or data.eval_fraction, not both"),
       (cfg.data.buckets >= 1, "data.buckets must be >= 1"),
       (cfg.data.num_proc >= 0, "data.num_proc must be >= 0"),
+      (not (cfg.data.packing and cfg.model.attention == "cudnn"),
+       "model.attention cudnn needs one example per row (data.packing false); use auto or xla"),
       (not (cfg.data.packing and cfg.data.format == "classification"),
        "data.packing is for language-model formats, not classification"),
       (not (cfg.data.packing and cfg.peft.method == "prompt"),

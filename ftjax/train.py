@@ -83,7 +83,8 @@ def build_model(cfg: Config, tokenizer, skip_init_from: bool = False,
   peft.check_context(spec, cfg.data.seq_len, getattr(model_cfg, "max_positions", None)
                      or hf_cfg.get("max_position_embeddings"),
                      cfg.model.path)
-  module = base.clone(peft=spec, remat=cfg.train.remat)
+  module = base.clone(peft=spec, remat=cfg.train.remat, attention=common.attention_impl(
+      cfg.model.attention, dtype, cfg.data.packing))
   layout = sharding.param_shardings(module, mesh) if mesh is not None else None
   loaded = hf.load(cfg.model.path, dtype, shardings=layout, num_labels=num_labels)
   if loaded.fresh:

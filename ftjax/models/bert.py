@@ -186,6 +186,7 @@ class Bert(nn.Module):
   peft: peft_lib.Spec = peft_lib.NONE
   remat: str = "none"
   num_labels: int = 0
+  attention: str = "xla"  # xla | cudnn (fused flash attention on GPUs; unpacked rows only)
 
   embed_path = "embeddings/word_embeddings/embedding"
   causal_lm = False
@@ -202,7 +203,8 @@ class Bert(nn.Module):
         virtual_tokens)
     h = _dropout(self, cfg.hidden_dropout, embeddings(h, positions_BxL))
     masks, prefixes, _, _ = common.masks_and_prefixes(positions_BxL, segment_ids_BxL, None, spec,
-                                                      cfg, self.dtype, causal=False)
+                                                      cfg, self.dtype, causal=False,
+                                                      attention=self.attention)
     layer = Layer if self.remat == "none" else nn.remat(Layer,
                                                         policy=layers.REMAT_POLICIES[self.remat])
     for i in range(cfg.num_layers):

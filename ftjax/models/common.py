@@ -21,6 +21,15 @@ from ftjax.peft.prompt import Prompt
 HEAD_MODULES = ("score", "classifier")
 
 
+def attention_impl(choice: str, dtype: Any, packing: bool) -> str:
+  """`model.attention` resolved: auto picks cuDNN's flash attention on GPUs in half precision
+  when rows hold one example each (no packing), else XLA's."""
+  if choice != "auto":
+    return choice
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if jax.default_backend() == "gpu" and half and not packing else "xla"
+
+
 def soft_prompt(h_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
                 spec, dtype: Any, virtual_tokens: bool = True):
   """Shifts real positions past the virtual tokens and, under prompt tuning, prepends the soft
@@ -42,8 +51,13 @@ def soft_prompt(h_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: j
 
 
 def masks_and_prefixes(positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
-                       cache: Optional[dict], spec, cfg, dtype: Any, causal: bool = True):
+                       cache: Optional[dict], spec, cfg, dtype: Any, causal: bool = True,
+                       attention: str = "xla"):
   """Attention masks per distinct sliding window, and prefix-tuning keys/values per layer.
+
+  With `attention` "cudnn" (rows of one right-padded example each: unpacked batches), a
+  training or eval pass without prefixes or sliding windows gets `layers.FusedMask`s, which
+  run cuDNN's flash attention.
 
   Returns ({window: mask}, prefixes (layers, 2, m, kv_heads, head_dim) or None, the cache
   write index or None, the keys' segment ids).
@@ -72,6 +86,9 @@ def masks_and_prefixes(positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
     masks = {w: jnp.concatenate([layers.attention_mask(
         q_at, jnp.arange(m), segment_ids_BxL > 0, jnp.ones((1, m), bool), w), mask], -1)
              for w, mask in masks.items()}
+  elif attention == "cudnn" and cache is None and windows == {None}:
+    lengths = jnp.sum(segment_ids_BxL > 0, axis=1).astype(jnp.int32)
+    masks = {None: layers.FusedMask(masks[None], lengths, causal)}
   return masks, prefixes, index, k_seg
 
 

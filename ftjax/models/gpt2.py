@@ -153,6 +153,7 @@ class GPT2(nn.Module):
   peft: peft_lib.Spec = peft_lib.NONE
   remat: str = "none"
   num_labels: int = 0
+  attention: str = "xla"  # xla | cudnn (fused flash attention on GPUs; unpacked rows only)
 
   embed_path = "wte/embedding"
 
@@ -166,7 +167,8 @@ class GPT2(nn.Module):
     wpe = layers.Embed(cfg.max_positions, cfg.hidden_size, self.dtype, name="wpe")
     h = _dropout(self, cfg.embd_dropout, h + wpe(positions_BxL))
     masks, prefixes, index, k_seg = common.masks_and_prefixes(positions_BxL, segment_ids_BxL,
-                                                              cache, spec, cfg, self.dtype)
+                                                              cache, spec, cfg, self.dtype,
+                                                              attention=self.attention)
     block = Block if self.remat == "none" else nn.remat(Block,
                                                         policy=layers.REMAT_POLICIES[self.remat])
     new_layers = []

@@ -15,6 +15,7 @@ import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -180,11 +181,33 @@ def attention_mask(q_index: jax.Array, k_index: jax.Array, q_seg_BxL: jax.Array,
   return (seen & same)[:, None]
 
 
+@flax.struct.dataclass
+class FusedMask:
+  """An attention mask that cuDNN's fused (flash) kernel can apply itself: each row holds one
+  right-padded example of `lengths` tokens, attended causally or not. `dense` is the same mask
+  as a boolean (B, 1, L, S) array, for where the fused kernel does not apply (dropout)."""
+
+  dense: jax.Array
+  lengths: jax.Array  # (B,) int32
+  causal: bool = flax.struct.field(pytree_node=False, default=True)
+
+
 def dot_product_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
-                          mask_Bx1xLxS: jax.Array,
+                          mask_Bx1xLxS: jax.Array | FusedMask,
                           dropout: Optional[Callable] = None) -> jax.Array:
   """Grouped-query attention: H query heads share K key/value heads (H % K == 0); `dropout`,
-  when given, applies to the attention probabilities (training)."""
+  when given, applies to the attention probabilities (training). A `FusedMask` runs cuDNN's
+  flash attention (no dropout; the probabilities are never materialised)."""
+  if isinstance(mask_Bx1xLxS, FusedMask):
+    fused, mask_Bx1xLxS = mask_Bx1xLxS, mask_Bx1xLxS.dense
+    if dropout is None:
+      try:
+        return jax.nn.dot_product_attention(
+            q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=fused.causal,
+            query_seq_lengths=fused.lengths, key_value_seq_lengths=fused.lengths,
+            implementation="cudnn")
+      except NotImplementedError:  # a shape cuDNN's kernel lacks (e.g. an odd length)
+        pass
   b, l, h, d = q_BxLxHxD.shape
   kv = k_BxSxKxD.shape[2]
   q = q_BxLxHxD.reshape(b, l, kv, h // kv, d)

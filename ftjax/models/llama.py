@@ -206,6 +206,7 @@ class Llama(nn.Module):
   peft: peft_lib.Spec = peft_lib.NONE
   remat: str = "none"  # none | full | dots: recompute each layer's activations in backward
   num_labels: int = 0  # > 0: a sequence classifier returning (B, num_labels) logits
+  attention: str = "xla"  # xla | cudnn (fused flash attention on GPUs; unpacked rows only)
 
   embed_path = "embed_tokens/embedding"
 
@@ -217,7 +218,8 @@ class Llama(nn.Module):
     h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
         embed(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
     masks, prefixes, index, k_seg = common.masks_and_prefixes(positions_BxL, segment_ids_BxL,
-                                                              cache, spec, cfg, self.dtype)
+                                                              cache, spec, cfg, self.dtype,
+                                                              attention=self.attention)
     layer_cls = DecoderLayer
     if self.remat != "none":
       layer_cls = nn.remat(DecoderLayer, policy=layers.REMAT_POLICIES[self.remat])
