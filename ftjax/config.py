@@ -144,6 +144,9 @@ class TrainConfig:
   batch_size: int = 8  # sequences per optimizer step (all micro-batches together)
   grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
   remat: Literal["none", "full", "dots"] = "none"  # recompute layer activations in backward
+  # LM loss in chunks of this many tokens, each chunk's logits recomputed in the backward pass
+  # (0: about 64 MB of fp32 logits per chunk on CPU, 512 MB on GPU; -1: whole-batch logits)
+  loss_chunk: int = 0
   max_bad_steps: int = 10  # stop after this many consecutive steps with non-finite gradients
   seed: int = 0
   output_dir: str = "runs/default"

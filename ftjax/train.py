@@ -43,6 +43,13 @@ def _apply_fn(module):
   return apply
 
 
+def chunked_loss(cfg: Config, module, dtype, trainable: set) -> Optional[step.ChunkedLoss]:
+  """`step.chunked_loss` unless `train.loss_chunk` is -1 or a teacher compares whole logits."""
+  if cfg.train.loss_chunk < 0 or cfg.distill.teacher:
+    return None
+  return step.chunked_loss(module, dtype, trainable, cfg.train.loss_chunk)
+
+
 @dataclasses.dataclass
 class Model:
   """The model a run trains: its module (with the PEFT spec), all parameters, what trains."""
@@ -262,7 +269,9 @@ def _run(cfg: Config) -> dict:
   jitted = jax.jit(functools.partial(step.train_step, apply_fn=apply_fn, tx=tx,
                                      dynamic_scale=fp16,
                                      scale_period=cfg.precision.loss_scale_period,
-                                     distill=distill),
+                                     distill=distill,
+                                     chunked=chunked_loss(cfg, model.module, dtype,
+                                                          model.trainable)),
                    in_shardings=(state_sh, frozen_sh, batch_sh, teacher_sh),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   train_fn = lambda state, frozen, batch: jitted(state, frozen, batch, teacher)

@@ -393,3 +393,30 @@ def test_a_teacher_with_another_tokenizer_is_refused(tiny_llama_dir, reverse_dat
   err = capsys.readouterr().err.strip()
   assert err.startswith(f"error: distill.teacher: {teacher} has another tokenizer than") and \
       len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("family,overrides,method", [
+    ("llama", {}, "none"), ("llama", {"tie_word_embeddings": True}, "none"), ("gpt2", {}, "none"),
+    ("llama", {}, "lora")], ids=["untied", "tied", "gpt2", "lora_frozen_head"])
+def test_chunked_loss_equals_whole_batch_logits(family, overrides, method, tmp_path):
+  tiny.save_model(str(tmp_path), family, **overrides)
+  cfg = config.load(None, [f"model.path={tmp_path}", "data.train=x", "data.seq_len=32",
+                           "train.loss_chunk=24", f"peft.method={method}"])  # 3 rows x 31
+  model = train.build_model(cfg, hf.load_tokenizer(str(tmp_path)))  # targets: last chunk padded
+  tokens = np.random.default_rng(0).integers(3, 320, (1, 3, 32)).astype(np.int32)
+  segment_ids = (np.arange(32)[None, None] < np.array([32, 20, 9])[None, :, None]).astype(np.int32)
+  batch = {"tokens": tokens, "positions": np.broadcast_to(np.arange(32), tokens.shape),
+           "segment_ids": segment_ids, "loss_mask": segment_ids}
+  chunked = train.chunked_loss(cfg, model.module, jnp.float32, model.trainable)
+  assert chunked is not None and chunked.chunk == 24
+  assert chunked.kernel_grad == (method == "none")
+  params, frozen = tree.split(model.params, model.trainable)
+  run = lambda c: jax.jit(lambda p: step.accumulate(p, frozen, batch, jax.random.PRNGKey(0),
+                                                     train._apply_fn(model.module), chunked=c)
+                          )(params)
+  (g_whole, loss_whole, n_whole, _), (g_chunk, loss_chunk, n_chunk, _) = run(None), run(chunked)
+  assert float(n_chunk) == float(n_whole) == 31 + 19 + 8
+  np.testing.assert_allclose(float(loss_chunk), float(loss_whole), rtol=1e-6)
+  for path, want in tree.flatten(g_whole).items():
+    got = tree.flatten(g_chunk)[path]
+    assert np.abs(np.asarray(got - want)).max() <= 1e-5 * np.abs(np.asarray(want)).max(), path

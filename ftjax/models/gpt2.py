@@ -159,7 +159,7 @@ class GPT2(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: Optional[dict] = None,
-               virtual_tokens: bool = True):
+               virtual_tokens: bool = True, return_hidden: bool = False):
     cfg, spec = self.cfg, self.peft
     wte = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="wte")
     h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
@@ -180,7 +180,14 @@ class GPT2(nn.Module):
     h = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name="ln_f")(h[:, soft:])
     if self.num_labels:
       return common.score(h, segment_ids_BxL[:, soft:], self.num_labels, self.dtype), None
+    if return_hidden:  # the caller applies `output_kernel` itself (a chunked loss)
+      return h, None
     logits = wte.attend(h)
     if cache is not None:
       cache = {"index": index + h.shape[1] + soft, "segment_ids": k_seg, "layers": new_layers}
     return logits.astype(jnp.float32), cache
+
+  @property
+  def output_head(self) -> tuple[str, bool]:
+    """The output head's parameter path, and whether it is stored (vocab, hidden)."""
+    return "wte/embedding", True

@@ -212,7 +212,7 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: Optional[dict] = None,
-               virtual_tokens: bool = True):
+               virtual_tokens: bool = True, return_hidden: bool = False):
     cfg, spec = self.cfg, self.peft
     embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
     h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
@@ -234,6 +234,8 @@ class Llama(nn.Module):
     h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h[:, soft:])
     if self.num_labels:
       return common.score(h, segment_ids_BxL[:, soft:], self.num_labels, self.dtype), None
+    if return_hidden:  # the caller applies `output_kernel` itself (a chunked loss)
+      return h, None
     if cfg.tie_word_embeddings:
       logits = embed.attend(h)
     else:
@@ -242,6 +244,13 @@ class Llama(nn.Module):
     if cache is not None:
       cache = {"index": index + h.shape[1] + soft, "segment_ids": k_seg, "layers": new_layers}
     return logits.astype(jnp.float32), cache
+
+  @property
+  def output_head(self) -> tuple[str, bool]:
+    """The output head's parameter path, and whether it is stored (vocab, hidden)."""
+    if self.cfg.tie_word_embeddings:
+      return "embed_tokens/embedding", True
+    return "lm_head/kernel", False
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
