@@ -13,7 +13,6 @@ import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ftjax import peft as peft_lib
@@ -26,7 +25,7 @@ ARCHITECTURES = {"BertModel": "bert", "BertForSequenceClassification": "bert",
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(layers.FullHeads):
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -41,14 +40,6 @@ class BertConfig:
   classifier_dropout: float = 0.0
   tie_word_embeddings: bool = False
   family: str = "bert"
-
-  @property
-  def num_kv_heads(self) -> int:
-    return self.num_heads
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
 
   @classmethod
   def from_hf(cls, hf: dict) -> "BertConfig":
@@ -72,12 +63,6 @@ class BertConfig:
                classifier_dropout=hidden_dropout if classifier is None else float(classifier))
 
 
-def _dropout(module: nn.Module, rate: float, x: jax.Array) -> jax.Array:
-  if rate and module.has_rng("dropout"):  # training only
-    return nn.Dropout(rate, deterministic=False)(x)
-  return x
-
-
 class SelfAttention(nn.Module):
   cfg: BertConfig
   dtype: Any = jnp.float32
@@ -90,13 +75,9 @@ class SelfAttention(nn.Module):
     proj = lambda name: layers.Dense(d, ("embed", "heads"), True, self.dtype, peft=self.peft,
                                      name=name)(h_BxLxD).reshape(b, l, cfg.num_heads, cfg.head_dim)
     q, k, v = proj("query"), proj("key"), proj("value")
-    if prefix_kv is not None:
-      pk, pv = (jnp.broadcast_to(x[None], (b, *x.shape)) for x in prefix_kv)
-      k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
-    dropout = None
-    if cfg.attention_dropout and self.has_rng("dropout"):
-      dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
-    return layers.dot_product_attention(q, k, v, mask, dropout).reshape(b, l, d)
+    out, _ = layers.attend(self, q, k, v, mask, prefix_kv=prefix_kv,
+                           dropout_rate=cfg.attention_dropout)
+    return out.reshape(b, l, d)
 
 
 class Output(nn.Module):
@@ -113,7 +94,7 @@ class Output(nn.Module):
     spec = self.peft
     y = layers.Dense(self.cfg.hidden_size, self.axes, True, self.dtype, peft=spec,
                      name="dense")(x)
-    y = _dropout(self, self.cfg.hidden_dropout, y)
+    y = layers.dropout(self, self.cfg.hidden_dropout, y)
     if self.adapter in spec.adapter_positions:
       y = Adapter(spec.adapter_size, spec.adapter_activation, self.dtype,
                   name=f"{self.adapter}_adapter")(y)
@@ -201,7 +182,7 @@ class Bert(nn.Module):
     h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
         embeddings.words(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype,
         virtual_tokens)
-    h = _dropout(self, cfg.hidden_dropout, embeddings(h, positions_BxL))
+    h = layers.dropout(self, cfg.hidden_dropout, embeddings(h, positions_BxL))
     masks, prefixes, _, _ = common.masks_and_prefixes(positions_BxL, segment_ids_BxL, None, spec,
                                                       cfg, self.dtype, causal=False,
                                                       attention=self.attention)
@@ -216,7 +197,7 @@ class Bert(nn.Module):
     # tuning, as in HF PEFT, where the soft tokens come first).
     pooled = layers.Dense(cfg.hidden_size, ("embed", None), True, self.dtype,
                           name="pooler")(h[:, 0])
-    pooled = _dropout(self, cfg.classifier_dropout, jnp.tanh(pooled))
+    pooled = layers.dropout(self, cfg.classifier_dropout, jnp.tanh(pooled))
     logits = layers.Dense(self.num_labels, ("embed", None), True, self.dtype,
                           name="classifier")(pooled)
     return logits.astype(jnp.float32), None

@@ -13,7 +13,6 @@ import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ftjax import peft as peft_lib
@@ -26,7 +25,7 @@ ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2",
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(layers.FullHeads):
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -40,14 +39,6 @@ class GPT2Config:
   resid_dropout: float = 0.0
   tie_word_embeddings: bool = True
   family: str = "gpt2"
-
-  @property
-  def num_kv_heads(self) -> int:
-    return self.num_heads
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
 
   @classmethod
   def from_hf(cls, hf: dict) -> "GPT2Config":
@@ -70,12 +61,6 @@ class GPT2Config:
                resid_dropout=float(hf.get("resid_pdrop", 0.0)))
 
 
-def _dropout(module: nn.Module, rate: float, x: jax.Array) -> jax.Array:
-  if rate and module.has_rng("dropout"):  # training only
-    return nn.Dropout(rate, deterministic=False)(x)
-  return x
-
-
 class Attention(nn.Module):
   cfg: GPT2Config
   dtype: Any = jnp.float32
@@ -88,23 +73,12 @@ class Attention(nn.Module):
     qkv = layers.Dense(3 * d, ("embed", "heads"), True, self.dtype, peft=self.peft,
                        name="c_attn")(h_BxLxD)
     q, k, v = (x.reshape(b, l, cfg.num_heads, cfg.head_dim) for x in jnp.split(qkv, 3, -1))
-    if kv_cache is not None:
-      k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype),
-                                       (0, cache_index, 0, 0))
-      v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype),
-                                       (0, cache_index, 0, 0))
-      kv_cache = (k, v)
-    k, v = k.astype(self.dtype), v.astype(self.dtype)
-    if prefix_kv is not None:
-      pk, pv = (jnp.broadcast_to(x[None], (b, *x.shape)) for x in prefix_kv)
-      k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
-    dropout = None
-    if cfg.attention_dropout and self.has_rng("dropout"):
-      dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
-    out = layers.dot_product_attention(q, k, v, mask, dropout).reshape(b, l, d)
+    out, kv_cache = layers.attend(self, q, k, v, mask, kv_cache, cache_index, prefix_kv,
+                                  cfg.attention_dropout)
+    out = out.reshape(b, l, d)
     out = layers.Dense(d, ("heads", "embed"), True, self.dtype, peft=self.peft,
                        name="c_proj")(out)
-    return _dropout(self, cfg.resid_dropout, out), kv_cache
+    return layers.dropout(self, cfg.resid_dropout, out), kv_cache
 
 
 class MLP(nn.Module):
@@ -119,7 +93,7 @@ class MLP(nn.Module):
                                                name=name)
     up = layers.ACTIVATIONS[cfg.activation](
         dense(cfg.intermediate_size, ("embed", "mlp"), "c_fc")(h_BxLxD))
-    return _dropout(self, cfg.resid_dropout, dense(cfg.hidden_size, ("mlp", "embed"), "c_proj")(up))
+    return layers.dropout(self, cfg.resid_dropout, dense(cfg.hidden_size, ("mlp", "embed"), "c_proj")(up))
 
 
 class Block(nn.Module):
@@ -165,7 +139,7 @@ class GPT2(nn.Module):
     h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
         wte(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
     wpe = layers.Embed(cfg.max_positions, cfg.hidden_size, self.dtype, name="wpe")
-    h = _dropout(self, cfg.embd_dropout, h + wpe(positions_BxL))
+    h = layers.dropout(self, cfg.embd_dropout, h + wpe(positions_BxL))
     masks, prefixes, index, k_seg = common.masks_and_prefixes(positions_BxL, segment_ids_BxL,
                                                               cache, spec, cfg, self.dtype,
                                                               attention=self.attention)

@@ -192,6 +192,49 @@ class FusedMask:
   causal: bool = flax.struct.field(pytree_node=False, default=True)
 
 
+def dropout(module: nn.Module, rate: float, x: jax.Array) -> jax.Array:
+  """Dropout at `rate` inside `module`, in training only (when a 'dropout' rng is passed)."""
+  if rate and module.has_rng("dropout"):
+    return nn.Dropout(rate, deterministic=False)(x)
+  return x
+
+
+def attend(module: nn.Module, q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Array,
+           mask, kv_cache=None, cache_index=None, prefix_kv=None, dropout_rate: float = 0.0):
+  """Attention as every family's attention layer runs it: this call's keys and values are
+  written into the KV cache at `cache_index` (when decoding), prefix-tuning keys and values
+  (2, m, kv_heads, head_dim) are put in front, and the probabilities get dropout in training.
+  Returns (output BxLxHxD, the updated cache or None)."""
+  k, v = k_BxLxKxD, v_BxLxKxD
+  if kv_cache is not None:
+    k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype),
+                                     (0, cache_index, 0, 0))
+    v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype),
+                                     (0, cache_index, 0, 0))
+    kv_cache = (k, v)
+  k, v = k.astype(q_BxLxHxD.dtype), v.astype(q_BxLxHxD.dtype)
+  if prefix_kv is not None:  # seen by every query
+    b = q_BxLxHxD.shape[0]
+    pk, pv = (jnp.broadcast_to(x[None], (b, *x.shape)) for x in prefix_kv)
+    k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+  drop = None
+  if dropout_rate and module.has_rng("dropout"):
+    drop = nn.Dropout(dropout_rate, deterministic=False)
+  return dot_product_attention(q_BxLxHxD, k, v, mask, drop), kv_cache
+
+
+class FullHeads:
+  """Config mixin of families whose keys and values have as many heads as the queries."""
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.num_heads  # pylint: disable=no-member
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads  # pylint: disable=no-member
+
+
 def dot_product_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
                           mask_Bx1xLxS: jax.Array | FusedMask,
                           dropout: Optional[Callable] = None) -> jax.Array:

@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ftjax import peft as peft_lib
@@ -137,19 +136,8 @@ class Attention(nn.Module):
                                        dict(cfg.rope_scaling) if cfg.rope_scaling else None)
     q = layers.apply_rope(q, positions_BxL, inv_freq)
     k = layers.apply_rope(k, positions_BxL, inv_freq)
-    if kv_cache is not None:
-      k_cache, v_cache = kv_cache
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-      kv_cache = (k, v)
-    k, v = k.astype(self.dtype), v.astype(self.dtype)
-    if prefix_kv is not None:  # prefix tuning: (2, m, kv_heads, head_dim), seen by every query
-      pk, pv = (jnp.broadcast_to(x[None], (b, *x.shape)) for x in prefix_kv)
-      k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
-    dropout = None
-    if cfg.attention_dropout and self.has_rng("dropout"):  # training (HF: attention_dropout)
-      dropout = nn.Dropout(cfg.attention_dropout, deterministic=False)
-    out = layers.dot_product_attention(q, k, v, mask, dropout)
+    out, kv_cache = layers.attend(self, q.astype(self.dtype), k, v, mask, kv_cache, cache_index,
+                                  prefix_kv, cfg.attention_dropout)
     out = dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(
         out.reshape(b, l, cfg.num_heads * cfg.head_dim))
     return out, kv_cache
