@@ -74,6 +74,17 @@ def losses(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Ar
 ApplyFn = Callable[..., jax.Array]  # (params, batch, dropout rng or None) -> logits
 
 
+def logits_fn(module) -> ApplyFn:
+  """The `ApplyFn` of a model module: its logits for a batch, with dropout only when a rng is
+  given (training)."""
+  def apply(params, batch, rng=None):
+    rngs = {"dropout": rng} if rng is not None else None
+    logits, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
+                             batch["segment_ids"], rngs=rngs)
+    return logits
+  return apply
+
+
 @dataclasses.dataclass(frozen=True)
 class ChunkedLoss:
   """The causal-LM loss computed `chunk` tokens at a time, never holding the whole batch's

@@ -34,15 +34,6 @@ def compute_dtype(name: str):
   return {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}[name]
 
 
-def _apply_fn(module):
-  def apply(params, batch, rng=None):
-    rngs = {"dropout": rng} if rng is not None else None  # dropout only when training
-    logits, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
-                             batch["segment_ids"], rngs=rngs)
-    return logits
-  return apply
-
-
 def chunked_loss(cfg: Config, module, dtype, trainable: set) -> Optional[step.ChunkedLoss]:
   """`step.chunked_loss` unless `train.loss_chunk` is -1 or a teacher compares whole logits."""
   if cfg.train.loss_chunk < 0 or cfg.distill.teacher:
@@ -135,7 +126,7 @@ def _teacher(cfg: Config, tokenizer, model_cfg, dtype, mesh):
   params = hf.load(path, dtype, shardings=layout).params
   print(f"distilling from {path} (T={cfg.distill.temperature}, alpha={cfg.distill.alpha}, "
         f"{tree.count(params) / 1e6:.2f}M parameters, frozen)")
-  return (step.Distill(_apply_fn(module), cfg.distill.temperature, cfg.distill.alpha), params,
+  return (step.Distill(step.logits_fn(module), cfg.distill.temperature, cfg.distill.alpha), params,
           tree.unflatten(layout))
 
 
@@ -261,7 +252,7 @@ def _run(cfg: Config) -> dict:
     config.dump(cfg, os.path.join(out_dir, "config.yaml"))
   log = metrics.MetricsLog(out_dir, start, enabled=main)
 
-  apply_fn = _apply_fn(model.module)
+  apply_fn = step.logits_fn(model.module)
   batch_sh = sharding.batch_sharding(mesh, 3)
   distill, teacher, teacher_sh = None, None, None
   if cfg.distill.teacher:

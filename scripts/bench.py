@@ -249,12 +249,7 @@ def ftjax_worker(args) -> dict:
   state = step.init_state(params, tx, args.seed)
   rss_built = peak_rss_mib()
 
-  def apply_fn(p, batch, rng=None):  # ftjax.train._apply_fn
-    rngs = {"dropout": rng} if rng is not None else None
-    logits, _ = module.apply({"params": p}, batch["tokens"], batch["positions"],
-                             batch["segment_ids"], rngs=rngs)
-    return logits
-
+  apply_fn = step.logits_fn(module)  # what ftjax.train jits
   ones = np.ones((1, args.batch, args.seq), np.int32)
   positions = np.broadcast_to(np.arange(args.seq, dtype=np.int32), ones.shape)
   batches = [jax.device_put({"tokens": t[None], "positions": positions, "segment_ids": ones,

@@ -8,10 +8,9 @@ fine-tune learns it. The files in data/topics/ were written by this script with 
   python scripts/make_classification_data.py --out data/topics
 """
 
-import argparse
-import json
-import os
 import random
+
+from make_quickstart_data import write_splits
 
 TOPICS = {
     "sports": "the match|the final|our striker|the goalkeeper|the coach|the marathon|the league|"
@@ -40,26 +39,5 @@ def example(rng: random.Random) -> dict:
   return {"text": text[0].upper() + text[1:], "label": label}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default="data/topics")
-  parser.add_argument("--train", type=int, default=800)
-  parser.add_argument("--eval", type=int, default=200)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args()
-  rng = random.Random(args.seed)
-  seen, rows = set(), []
-  while len(rows) < args.train + args.eval:
-    ex = example(rng)
-    if ex["text"] not in seen:  # held-out sentences never appear in training
-      seen.add(ex["text"])
-      rows.append(ex)
-  os.makedirs(args.out, exist_ok=True)
-  for name, part in (("train", rows[:args.train]), ("eval", rows[args.train:])):
-    with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in part)
-  print(f"wrote {args.train} train and {args.eval} eval examples to {args.out}")
-
-
 if __name__ == "__main__":
-  main()
+  write_splits(__doc__.split("\n")[0], example, "text", "data/topics", 800, 200)

@@ -28,19 +28,21 @@ def example(rng: random.Random) -> dict:
           "completion": " " + " ".join(reversed(words))}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default="data/quickstart")
-  parser.add_argument("--train", type=int, default=2000)
-  parser.add_argument("--eval", type=int, default=64)
+def write_splits(description: str, make, key: str, out: str, train: int, evals: int) -> None:
+  """The command line of a task script: draws examples with `make(rng)`, distinct by their
+  `key` field (so held-out examples never appear in training), and writes train/eval jsonl."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--out", default=out)
+  parser.add_argument("--train", type=int, default=train)
+  parser.add_argument("--eval", type=int, default=evals)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   rng = random.Random(args.seed)
   seen, rows = set(), []
   while len(rows) < args.train + args.eval:
-    ex = example(rng)
-    if ex["prompt"] not in seen:  # held-out prompts never appear in training
-      seen.add(ex["prompt"])
+    ex = make(rng)
+    if ex[key] not in seen:
+      seen.add(ex[key])
       rows.append(ex)
   os.makedirs(args.out, exist_ok=True)
   for name, part in (("train", rows[:args.train]), ("eval", rows[args.train:])):
@@ -50,4 +52,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  write_splits(__doc__.split("\n")[0], example, "prompt", "data/quickstart", 2000, 64)

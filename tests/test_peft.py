@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 import tiny
 from conftest import REPO
-from ftjax import checkpoint, config, data, export, generate, hf, peft, train, tree
+from ftjax import checkpoint, config, data, export, generate, hf, peft, step, train, tree
 
 
 def _cfg(model_dir, *words, **overrides):
@@ -326,7 +326,7 @@ def test_lora_dropout_only_in_training(tiny_llama_dir):
   params = tree.unflatten(flat)
   tokens, positions, segment_ids = _batch()
   batch = {"tokens": tokens, "positions": positions, "segment_ids": segment_ids}
-  apply = train._apply_fn(model.module)  # pylint: disable=protected-access
+  apply = step.logits_fn(model.module)  # pylint: disable=protected-access
   key = jax.random.PRNGKey(0)
   eval_a, eval_b = apply(params, batch), apply(params, batch)
   train_a, train_b = apply(params, batch, key), apply(params, batch, key)

@@ -39,7 +39,7 @@ def _grads(model, batch, accum=1):
   params, frozen = tree.split(model.params, model.trainable)
   micro = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.items()}
   grads, _, count, _ = step.accumulate(params, frozen, micro, jax.random.PRNGKey(0),
-                                    train._apply_fn(model.module))
+                                    step.logits_fn(model.module))
   return jax.tree.map(lambda g: g / count, grads), float(count)
 
 
@@ -86,7 +86,7 @@ def test_layerwise_learning_rates_move_each_group_by_its_lr(tiny_llama_dir):
   tx, _ = optim.build(cfg.optim, 10, params, num_layers=2)
   state = step.init_state(params, tx, 0)
   new, _ = step.train_step(state, frozen, {k: v[None] for k, v in batch.items()},
-                           apply_fn=train._apply_fn(model.module), tx=tx)
+                           apply_fn=step.logits_fn(model.module), tx=tx)
   # depth: embeddings 0, layer i at i + 1, final norm and head 3 (of 2 layers + 1)
   want_lr = {"embed_tokens": 0.01 * 0.5**3, "layers_0": 0.1 * 0.5**2, "layers_1": 0.1 * 0.5,
              "norm": 0.1, "lm_head": 1.0}
@@ -109,7 +109,7 @@ def test_layerwise_learning_rates_move_each_group_by_its_lr(tiny_llama_dir):
   tx, _ = optim.build(lora.optim, 10, params, num_layers=2)
   new, _ = step.train_step(step.init_state(params, tx, 0), frozen,
                            {k: v[None] for k, v in batch.items()},
-                           apply_fn=train._apply_fn(model.module), tx=tx)
+                           apply_fn=step.logits_fn(model.module), tx=tx)
   old, moved, g = tree.flatten(params), tree.flatten(new.params), tree.flatten(grads)
   for path in old:
     lr = 0.1 * (16 if path.endswith("lora_b") else 1)
@@ -155,7 +155,7 @@ def test_a_non_finite_gradient_is_skipped_and_counted(precision, tiny_llama_dir)
   poisoned[kernel] = poisoned[kernel].at[0, 0].set(jnp.inf)  # the injected fault
   tx, _ = optim.build(cfg.optim, 10, params)
   fp16 = precision == "fp16"
-  fn = jax.jit(lambda s, f, b: step.train_step(s, f, b, apply_fn=train._apply_fn(model.module),
+  fn = jax.jit(lambda s, f, b: step.train_step(s, f, b, apply_fn=step.logits_fn(model.module),
                                                tx=tx, dynamic_scale=fp16))
   state = step.init_state(params, tx, 0, 1024.0 if fp16 else 1.0)
   batch = {k: v[None] for k, v in _batch(tok, cfg).items()}
@@ -225,7 +225,7 @@ def test_attention_dropout_only_in_training(tmp_path):
   model = train.build_model(cfg, tok)
   assert model.loaded.config.attention_dropout == 0.3
   batch = _batch(tok, cfg, n=2)
-  apply = train._apply_fn(model.module)
+  apply = step.logits_fn(model.module)
   evals = [np.asarray(apply(model.params, batch)) for _ in range(2)]
   trains = [np.asarray(apply(model.params, batch, jax.random.PRNGKey(i))) for i in range(2)]
   np.testing.assert_array_equal(evals[0], evals[1])
@@ -258,7 +258,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_llama_dir, tmp_path):
   tok = hf.load_tokenizer(str(tmp_path / "best_hf"))
   best = train.build_model(_cfg(str(tmp_path / "best_hf"), "unused", f"data.eval={eval_file}"),
                            tok)
-  eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=train._apply_fn(best.module)))
+  eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=step.logits_fn(best.module)))
   examples = data.load(eval_file, cfg.data, tok)
   result = evaluation.evaluate(eval_fn, best.params, {}, examples, cfg, tok.pad_token_id)
   assert result["eval_loss"] == pytest.approx(evals[best_step], rel=1e-5)
@@ -412,7 +412,7 @@ def test_chunked_loss_equals_whole_batch_logits(family, overrides, method, tmp_p
   assert chunked.kernel_grad == (method == "none")
   params, frozen = tree.split(model.params, model.trainable)
   run = lambda c: jax.jit(lambda p: step.accumulate(p, frozen, batch, jax.random.PRNGKey(0),
-                                                     train._apply_fn(model.module), chunked=c)
+                                                     step.logits_fn(model.module), chunked=c)
                           )(params)
   (g_whole, loss_whole, n_whole, _), (g_chunk, loss_chunk, n_chunk, _) = run(None), run(chunked)
   assert float(n_chunk) == float(n_whole) == 31 + 19 + 8

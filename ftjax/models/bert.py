@@ -151,7 +151,8 @@ class Embeddings(nn.Module):
     self.word_embeddings = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype)
     self.position_embeddings = layers.Embed(cfg.max_positions, cfg.hidden_size, self.dtype)
     self.token_type_embeddings = layers.Embed(cfg.type_vocab_size, cfg.hidden_size, self.dtype)
-    self.LayerNorm = layers.LayerNorm(cfg.layer_norm_eps, self.dtype)  # pylint: disable=invalid-name
+    # HF's name, kept so the parameter path reads like the checkpoint's
+    self.LayerNorm = layers.LayerNorm(cfg.layer_norm_eps, self.dtype)  # pylint: disable=C0103
 
   def words(self, tokens_BxL):
     return self.word_embeddings(tokens_BxL)

@@ -93,7 +93,8 @@ class MLP(nn.Module):
                                                name=name)
     up = layers.ACTIVATIONS[cfg.activation](
         dense(cfg.intermediate_size, ("embed", "mlp"), "c_fc")(h_BxLxD))
-    return layers.dropout(self, cfg.resid_dropout, dense(cfg.hidden_size, ("mlp", "embed"), "c_proj")(up))
+    down = dense(cfg.hidden_size, ("mlp", "embed"), "c_proj")(up)
+    return layers.dropout(self, cfg.resid_dropout, down)
 
 
 class Block(nn.Module):
