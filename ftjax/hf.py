@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ftjax import tree
 from ftjax.config import UserError
@@ -187,6 +187,23 @@ def _safetensors_files(model_dir: str) -> list[str]:
   return files
 
 
+def check_weights(model_dir: str) -> None:
+  """Opens every weight file's header (cheap: nothing is read but the header and the file size),
+  so a truncated or damaged file is a UserError naming it before any work."""
+  for file in _safetensors_files(model_dir):
+    with _open(file):
+      pass
+
+
+def _open(file: str):
+  """`safe_open` of one weight file, or a UserError naming it."""
+  try:
+    return safe_open(file, framework="flax")
+  except (SafetensorError, OSError) as e:
+    raise UserError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]}); is "
+                    "it truncated?") from None
+
+
 @dataclasses.dataclass
 class LoadedModel:
   """A model ready to run: its module, config, and parameters (a nested dict of arrays)."""
@@ -241,7 +258,7 @@ def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
   expected = tree.flatten(abstract_params(module))
   loaded: dict[str, Any] = {}
   for file in _safetensors_files(model_dir):
-    with safe_open(file, framework="flax") as f:
+    with _open(file) as f:
       for name in f.keys():
         mapped = hf_to_path(family.table, name)
         if mapped is None and not name.startswith(family.base_prefix):

@@ -2,14 +2,62 @@
 
 `MetricsLog` appends one JSON object per logged step to metrics.jsonl and mirrors each number to
 TensorBoard; a resumed run first drops the records past its checkpoint (they will be redone).
-`plot` draws train/eval loss and the learning rate into loss.png at the end of a run.
+`plot` draws train/eval loss and the learning rate into loss.png at the end of a run. Library
+code logs to the `ftjax` logger, which says nothing unless asked: the CLIs call `console()`
+(info to stdout, warnings to stderr), and a run writes everything, tracebacks of the problems it
+reports in one line included, to `<output_dir>/train.log` (`log_file`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from typing import Optional
+import sys
+from typing import Iterator, Optional
+
+LOGGER = logging.getLogger("ftjax")
+LOGGER.addHandler(logging.NullHandler())
+
+
+class _Console(logging.Handler):
+  """Info as plain lines on stdout, warnings and errors as `warning: ...` on stderr."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if record.levelno >= logging.WARNING:
+      print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr, flush=True)
+    else:
+      print(record.getMessage(), flush=True)
+
+
+def console(level: int = logging.INFO) -> None:
+  """Shows ftjax's log on the terminal (the CLIs call this once)."""
+  if not any(isinstance(h, _Console) for h in LOGGER.handlers):
+    handler = _Console()
+    handler.setLevel(level)
+    LOGGER.addHandler(handler)
+  LOGGER.setLevel(min(LOGGER.level or logging.DEBUG, level))
+  LOGGER.propagate = False  # a root handler that a dependency set up would print them again
+
+
+@contextlib.contextmanager
+def log_file(output_dir: str, enabled: bool = True) -> Iterator[None]:
+  """While active, every ftjax log record (debug included) is appended to output_dir/train.log."""
+  if not enabled:
+    yield
+    return
+  handler = logging.FileHandler(os.path.join(output_dir, "train.log"))
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  old = LOGGER.level
+  LOGGER.addHandler(handler)
+  LOGGER.setLevel(logging.DEBUG)
+  try:
+    yield
+  finally:
+    LOGGER.removeHandler(handler)
+    LOGGER.setLevel(old)
+    handler.close()
 
 
 def _step_of(line: str) -> Optional[int]:

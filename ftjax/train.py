@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import logging
 import math
 import os
 import re
@@ -20,12 +21,15 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ftjax import (checkpoint, config, data, evaluation, hf, loop, metrics, optim, peft, sharding,
                    step, tree)
 from ftjax.models import common
 from ftjax.peft import hf_adapter
 from ftjax.config import Config, UserError
+
+log = logging.getLogger("ftjax.train")  # not __main__ under python -m
 
 
 def compute_dtype(name: str):
@@ -131,23 +135,52 @@ def _teacher(cfg: Config, tokenizer, model_cfg, dtype, mesh):
 
 
 def run(cfg: Config) -> dict:
-  """Fine-tunes `cfg.model.path` on `cfg.data`; returns a summary (losses, eval, run dir)."""
+  """Fine-tunes `cfg.model.path` on `cfg.data`; returns a summary (losses, eval, run dir).
+
+  The run holds `train.output_dir` (`checkpoint.RunLock`, in process 0) from before any work to
+  the end; a second run on it stops with a UserError naming the holder.
+  """
   cfg = copy.deepcopy(cfg)  # peft.init_from and train.epochs resolve fields in place
   sharding.start_distributed(cfg.distributed)
-  if jax.process_index() != 0:  # only process 0 prints and writes the run's own files
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-      return _run(cfg)
-  return _run(cfg)
+  main = jax.process_index() == 0
+  out_dir = cfg.train.output_dir
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise UserError(f"train.output_dir: {out_dir} exists and is not a directory")
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"train.output_dir: cannot create {out_dir} ({e.strerror})") from None
+  with contextlib.ExitStack() as stack:
+    held = None
+    if main:
+      try:
+        stack.enter_context(checkpoint.RunLock(out_dir))
+      except UserError as e:
+        held = e
+    if jax.process_count() > 1:  # every process stops when process 0 could not lock
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      if multihost_utils.broadcast_one_to_all(np.int32(held is not None)):
+        raise held or UserError(f"{out_dir} is in use by another run (see process 0)")
+    elif held:
+      raise held
+    if not main:  # only process 0 prints and writes the run's own files
+      stack.enter_context(contextlib.redirect_stdout(stack.enter_context(
+          open(os.devnull, "w"))))
+    stack.enter_context(metrics.log_file(out_dir, enabled=main))
+    log.info(sharding.describe_backend())
+    if warning := sharding.missing_accelerator():
+      log.warning(warning)
+    return _run(cfg)
 
 
 def _run(cfg: Config) -> dict:
   out_dir = cfg.train.output_dir
   main = jax.process_index() == 0
-  os.makedirs(out_dir, exist_ok=True)
 
   # Cheap checks first: a bad model directory or data file fails before any weights load, and
   # data is tokenised (perhaps in forked workers) before JAX starts its threads.
   base_module, model_cfg, _, _ = hf.build(cfg.model.path)
+  hf.check_weights(cfg.model.path)
   tokenizer = hf.load_tokenizer(cfg.model.path)
   pad_id = tokenizer.pad_token_id
   classify = cfg.data.format == "classification"
@@ -215,7 +248,7 @@ def _run(cfg: Config) -> dict:
   ckpt = checkpoint.Checkpointer(out_dir, cfg.checkpoint.every, cfg.checkpoint.keep)
   best = checkpoint.Checkpointer(out_dir, 0, 1, name="best") if cfg.eval.patience else None
   early = loop.EarlyStop()
-  start = ckpt.latest_step() or 0
+  start = 0
   data_meta = {"examples": len(train_examples), "rows": len(batches.rows),
                "batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
   shapes = {p: list(v.shape) for p, v in sorted(tree.flatten(params).items())}
@@ -227,20 +260,26 @@ def _run(cfg: Config) -> dict:
     if best:
       best.close()
 
-  if start:
-    meta = ckpt.meta(start)
+  def resumable(at: int, meta: dict) -> None:
     saved = {k: meta["data"].get(k) for k in data_meta}
     problem = None
     if saved != data_meta:
-      problem = (f"its data order came from {saved}, this config gives {data_meta}")
+      problem = f"its data order came from {saved}, this config gives {data_meta}"
     elif meta.get("trainable") != shapes:
       problem = ("it trained other parameters (peft method, targets, rank or trainable "
                  "patterns differ from this config)")
     if problem:
-      close()
-      raise UserError(f"{out_dir}: cannot resume step {start} exactly: {problem} "
+      raise UserError(f"{out_dir}: cannot resume step {at} exactly: {problem} "
                       "(use a new train.output_dir)")
-    state, meta = ckpt.restore(start, state)
+
+  try:
+    restored = ckpt.restore_intact(state, resumable)
+  except UserError:
+    close()
+    raise
+  if restored:
+    start, state, meta = restored
+    summary["start_step"] = start
     early = loop.EarlyStop(**meta.get("early", {}))
     print(f"resumed from step {start} (data epoch {meta['data']['epoch']}, "
           f"index {meta['data']['index']})")
@@ -292,6 +331,9 @@ def _run(cfg: Config) -> dict:
   try:
     if start < cfg.train.steps:
       summary["before"] = run_eval("before", start, state.params)
+      if summary["before"] and start == 0:  # loss.png draws the curve from its start
+        log.write({"step": 0, **{k: v for k, v in summary["before"].items()
+                                 if k.startswith("eval_")}})
     with loop.Signals() as signals:
       put = lambda batch: sharding.put_batch(batch, batch_sh)
       state = loop.Loop(cfg, train_fn, put, frozen, batches, lr_schedule, ckpt, best, meta, log,
@@ -312,6 +354,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--config", required=True, help="a YAML config (see configs/)")
   parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
   args = parser.parse_args(argv)
+  metrics.console()
   try:
     cfg = config.load(args.config, args.overrides)
     summary = run(cfg)

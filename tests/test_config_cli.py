@@ -4,6 +4,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -91,7 +92,8 @@ def malformed_jsonl(tmp_path):
 
 @pytest.mark.parametrize("case", ["unknown_key", "wrong_type", "missing_model", "no_config_json",
                                   "unsupported_arch", "missing_data", "malformed_jsonl",
-                                  "missing_field", "unsupported_activation", "incomplete_config"])
+                                  "missing_field", "unsupported_activation", "incomplete_config",
+                                  "empty_data", "output_dir_is_a_file", "truncated_weights"])
 def test_cli_bad_input_is_one_clear_line(case, capsys, tmp_path, tiny_llama_dir, not_a_model,
                                          malformed_jsonl, incomplete_model):
   gelu_model = tmp_path / "gelu"
@@ -100,6 +102,12 @@ def test_cli_bad_input_is_one_clear_line(case, capsys, tmp_path, tiny_llama_dir,
     (gelu_model / "config.json").write_text(json.dumps({**json.load(f), "hidden_act": "gelu"}))
   missing_field = tiny.write_jsonl(str(tmp_path / "nf.jsonl"), [{"prompt": "a"}])
   good = [f"model.path={tiny_llama_dir}", f"train.output_dir={tmp_path / 'run'}"]
+  (tmp_path / "empty.jsonl").write_text("")
+  (tmp_path / "a_file").write_text("not a directory")
+  truncated = tmp_path / "truncated"
+  shutil.copytree(tiny_llama_dir, truncated)
+  weights = truncated / "model.safetensors"
+  os.truncate(weights, os.path.getsize(weights) // 2)
   words, needle = {
       "unknown_key": (["optim.lrr=1"], "unknown key 'optim.lrr'"),
       "wrong_type": (["train.steps=ten"], "train.steps: expected int, got 'ten'"),
@@ -117,6 +125,14 @@ def test_cli_bad_input_is_one_clear_line(case, capsys, tmp_path, tiny_llama_dir,
                         "nf.jsonl: line 1 has no 'completion' field"),
       "unsupported_activation": ([f"model.path={gelu_model}"],
                                  "hidden_act 'gelu' is not supported"),
+      "empty_data": (good + [f"data.train={tmp_path / 'empty.jsonl'}"],
+                     f"{tmp_path / 'empty.jsonl'}: no records (the file is empty)"),
+      "output_dir_is_a_file": ([f"model.path={tiny_llama_dir}",
+                                f"train.output_dir={tmp_path / 'a_file'}"],
+                               f"train.output_dir: {tmp_path / 'a_file'} exists and is not a "
+                               "directory"),
+      "truncated_weights": ([f"model.path={truncated}", f"train.output_dir={tmp_path / 'run'}"],
+                            f"{weights}: not a readable safetensors file"),
   }[case]
   code, err = _main(capsys, *words)
   assert code == 2

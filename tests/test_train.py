@@ -125,15 +125,20 @@ def test_run_directory_contents(tiny_llama_dir, reverse_data, tmp_path):
                 "eval.samples": 2, "eval.max_new_tokens": 4})
   summary = train.run(cfg)
   assert sorted(os.listdir(out)) == ["checkpoints", "config.yaml", "loss.png", "metrics.jsonl",
-                                     "tensorboard"]
+                                     "run.lock", "tensorboard", "train.log"]
   assert config.load(os.path.join(out, "config.yaml")) == cfg
   with open(os.path.join(out, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
-  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  # step 0: the eval before training (which loss.png draws too), then one record per step
+  assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+  assert records[0]["eval_loss"] == summary["before"]["eval_loss"] and "loss" not in records[0]
+  records = records[1:]
   for r in records:
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
   assert "eval_loss" in records[1] and "eval_loss" in records[3] and "eval_loss" not in records[0]
   for key in ("eval_exact_match", "eval_rouge_l", "eval_bleu"):  # generation metrics are logged
     assert key in records[1] and key in records[3]
+  with open(os.path.join(out, "train.log")) as f:
+    assert "backend cpu" in f.readline()
   assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
   assert os.listdir(os.path.join(out, "tensorboard"))

@@ -126,6 +126,8 @@ def _encode_file(path: str, cfg: DataConfig, tokenizer: Any) -> _Encoded:
   if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
     raise UserError(f"{path}: data.format is chat, but the tokenizer has no chat template")
   raw = sources.read(path, cfg.text_field)
+  if not len(raw):
+    raise UserError(f"{path}: no records (the file is empty)")
   key = Hasher.hash([_CODE, sources.identity(path), tokenizer,
                      [getattr(cfg, f) for f in ENCODING_FIELDS]])
   num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if len(raw) >= 4000 else 1)
