@@ -29,7 +29,7 @@ from ftjax.models import common
 from ftjax.peft import hf_adapter
 from ftjax.config import Config, UserError
 
-log = logging.getLogger("ftjax.train")  # not __main__ under python -m
+logger = logging.getLogger("ftjax.train")  # not __main__ under python -m
 
 
 def compute_dtype(name: str):
@@ -167,9 +167,9 @@ def run(cfg: Config) -> dict:
       stack.enter_context(contextlib.redirect_stdout(stack.enter_context(
           open(os.devnull, "w"))))
     stack.enter_context(metrics.log_file(out_dir, enabled=main))
-    log.info(sharding.describe_backend())
+    logger.info(sharding.describe_backend())
     if warning := sharding.missing_accelerator():
-      log.warning(warning)
+      logger.warning(warning)
     return _run(cfg)
 
 

@@ -3,6 +3,7 @@ front door are one line; installs name what the commands need."""
 
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import shutil
@@ -107,17 +108,23 @@ def _words(model_dir, data, out):
 
 @pytest.mark.parametrize("how", ["truncate", "delete", "metadata", "stale"])
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_resumes_exactly(
-    how, tiny_llama_dir, uninterrupted, tmp_path, caplog):
+    how, tiny_llama_dir, uninterrupted, tmp_path):
   data, whole = uninterrupted
   words = _words(tiny_llama_dir, data, tmp_path)
   train.run(config.load(None, words + ["train.stop_after=4"]))
   _damage(str(tmp_path / "checkpoints" / "4"), how)
-  with caplog.at_level("WARNING", logger="ftjax"):
+  records = []
+  handler = logging.Handler(logging.WARNING)  # on ftjax's logger: the CLIs stop propagation
+  handler.emit = records.append
+  logging.getLogger("ftjax").addHandler(handler)
+  try:
     resumed = train.run(config.load(None, words))
+  finally:
+    logging.getLogger("ftjax").removeHandler(handler)
   assert resumed["start_step"] == 2
   assert [resumed["losses"][s] for s in range(3, 7)] == [whole[s] for s in range(3, 7)]
   assert os.path.isdir(tmp_path / "checkpoints" / "4.corrupt")  # kept, never deleted
-  (line,) = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+  (line,) = [r.getMessage() for r in records if "damaged" in r.getMessage()]
   assert line.startswith("checkpoint 4 is damaged (") and "resuming from step 2" in line
   assert _steps(tmp_path) == list(range(1, 7))
 
