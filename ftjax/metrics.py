@@ -37,7 +37,7 @@ def console(level: int = logging.INFO) -> None:
     handler = _Console()
     handler.setLevel(level)
     LOGGER.addHandler(handler)
-  LOGGER.setLevel(min(LOGGER.level or logging.DEBUG, level))
+  LOGGER.setLevel(logging.DEBUG)  # the handlers choose what they show
   LOGGER.propagate = False  # a root handler that a dependency set up would print them again
 
 
