@@ -1,1 +1,33 @@
-"""ftjax."""
+"""ftjax: fine-tune pretrained language models in JAX/Flax.
+
+The public API in one namespace (`import ftjax as fj`); see the README's "Use ftjax as a
+library". The submodules stay importable for what this namespace does not lift:
+
+    model = fj.load_model(path, fj.PeftConfig(method="lora"), trainable=rules)
+    params, frozen = model.split()
+    step = fj.make_train_step(my_loss, optax.adamw(1e-3))
+    fj.save_adapter(model, state.params, out_dir)
+"""
+
+from ftjax import assembly, config, data, hf, loss, models, optim, peft, step, tree
+from ftjax.assembly import Model, compute_dtype, load_model, save_adapter, save_merged
+from ftjax.config import (AdapterConfig, Config, DataConfig, IA3Config, LoraConfig, OptimConfig,
+                          PeftConfig, PrefixConfig, PromptConfig, UserError)
+from ftjax.data import Batches, Example
+from ftjax.hf import load_tokenizer
+from ftjax.loss import (chunked_cross_entropy, cross_entropy, distillation, logits_fn,
+                        regularized)
+from ftjax.step import TrainState, eval_step, init_state, make_train_step, train_step
+from ftjax.tree import flatten, label, select, split, unflatten
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "Batches", "Config", "DataConfig", "Example", "IA3Config", "LoraConfig",
+    "Model", "OptimConfig", "PeftConfig", "PrefixConfig", "PromptConfig", "TrainState",
+    "UserError", "assembly", "chunked_cross_entropy", "compute_dtype", "config", "cross_entropy",
+    "data", "distillation", "eval_step", "flatten", "hf", "init_state", "label", "load_model",
+    "load_tokenizer", "logits_fn", "loss", "make_train_step", "models", "optim", "peft",
+    "regularized", "save_adapter", "save_merged", "select", "split", "step", "train_step",
+    "tree", "unflatten",
+]

@@ -63,8 +63,17 @@ class PromptConfig:
 
 
 @dataclasses.dataclass
+class IA3Config:
+  # Dense layers whose activations get a trained (IA)³ vector (regexes; all-linear: every one
+  # but the heads). The defaults are HF PEFT's for Llama-style models.
+  targets: list[str] = dataclasses.field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+  # Targets whose input is rescaled instead of their output (the feed-forward layers).
+  feedforward: list[str] = dataclasses.field(default_factory=lambda: ["down_proj"])
+
+
+@dataclasses.dataclass
 class PeftConfig:
-  method: Literal["none", "lora", "adapter", "prefix", "prompt"] = "none"
+  method: Literal["none", "lora", "adapter", "prefix", "prompt", "ia3"] = "none"
   trainable: list[str] = dataclasses.field(default_factory=list)  # base params to train (regex)
   frozen: list[str] = dataclasses.field(default_factory=list)  # params to freeze (regex)
   base_dtype: Literal["fp32", "bf16"] = "fp32"  # storage of frozen base weights
@@ -73,6 +82,7 @@ class PeftConfig:
   adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
   prefix: PrefixConfig = dataclasses.field(default_factory=PrefixConfig)
   prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
+  ia3: IA3Config = dataclasses.field(default_factory=IA3Config)
 
 
 @dataclasses.dataclass
@@ -115,9 +125,10 @@ class OptimConfig:
   min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
   decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays (linearly)
   weight_decay: float = 0.0  # decoupled (adam: L2 added to the gradient, as torch.optim.Adam)
-  # Leaves whose path matches one of these regexes get no weight decay.
+  # Leaves whose path matches one of these regexes get no weight decay; by default biases, norm
+  # scales and embedding tables (soft prompts included), by leaf name in every family.
   no_decay: list[str] = dataclasses.field(
-      default_factory=lambda: [r"bias$", r"(?i)norm|(^|/)ln_", r"embed|^wte/|^wpe/"])
+      default_factory=lambda: [r"bias$", r"scale$", r"embedding$"])
   b1: float = 0.9  # adam/adamw/lion
   b2: float = 0.999  # adam/adamw/lion (Lion's paper uses 0.99)
   eps: float = 1e-8
@@ -333,6 +344,7 @@ def _validate(cfg: Config) -> None:
       (cfg.peft.lora.alpha > 0, "peft.lora.alpha must be > 0"),
       (0 <= cfg.peft.lora.dropout < 1, "peft.lora.dropout must be in [0, 1)"),
       (bool(cfg.peft.lora.targets), "peft.lora.targets must name at least one pattern"),
+      (bool(cfg.peft.ia3.targets), "peft.ia3.targets must name at least one pattern"),
       (cfg.peft.adapter.size > 0, "peft.adapter.size must be > 0"),
       (bool(cfg.peft.adapter.positions), "peft.adapter.positions must name attn and/or ffn"),
       (cfg.peft.prefix.length > 0, "peft.prefix.length must be > 0"),

@@ -7,10 +7,14 @@ ROUGE-L is `rouge_score`'s F-measure (mean over prompts); BLEU is `sacrebleu`'s 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ftjax import data, generate
 from ftjax.config import Config
+
+logger = logging.getLogger(__name__)
 
 
 def macro_f1(predicted: np.ndarray, labels: np.ndarray) -> float:
@@ -78,7 +82,7 @@ def generated(module, params: dict, examples, tokenizer, cfg: Config, show: int 
           for ex in chosen]
   for ex, g, w in list(zip(chosen, got, want))[:show]:
     prompt = tokenizer.decode(ex.tokens[:ex.prompt_len], skip_special_tokens=True)
-    print(f"  prompt: {prompt!r}\n  model:  {g!r}\n  want:   {w!r}")
+    logger.info(f"  prompt: {prompt!r}\n  model:  {g!r}\n  want:   {w!r}")
   scorer = rouge_scorer.RougeScorer(["rougeL"])
   rouge = [scorer.score(w, g)["rougeL"].fmeasure for g, w in zip(got, want)]
   return {"eval_exact_match": float(np.mean([g == w for g, w in zip(got, want)])),

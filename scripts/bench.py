@@ -202,62 +202,56 @@ def wait_for_idle(limit_s: float) -> None:
 
 # ---- workers ---------------------------------------------------------------------------------
 
-def _ftjax_params(args, model_dir: str, dtype):
-  """(module, params, trainable paths, LlamaConfig), built as ftjax.train.build_model does."""
-  import jax  # pylint: disable=import-outside-toplevel
+def _ftjax_params(args, model_dir: str):
+  """(model, params) built by `ftjax.assembly.load_model`, as ftjax.train builds it, with the
+  adapters initialised as the HF worker initialises its own."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from ftjax import config, hf, peft, tree  # pylint: disable=import-outside-toplevel
-  from ftjax.models import common  # pylint: disable=import-outside-toplevel
+  from ftjax import assembly, config, tree  # pylint: disable=import-outside-toplevel
 
-  module, model_cfg, _, _ = hf.build(model_dir, dtype)
-  base_paths = list(tree.flatten(hf.abstract_params(module)))
   pcfg = config.PeftConfig(
-      method=args.mode if args.mode != "full" else "none",
+      method=args.mode if args.mode != "full" else "none", base_dtype=args.base_dtype,
       lora=config.LoraConfig(targets=LORA_TARGETS, r=args.lora_r, alpha=args.lora_alpha),
       prefix=config.PrefixConfig(length=args.virtual_tokens, projection=False),
       prompt=config.PromptConfig(length=args.virtual_tokens, init="random"))
-  spec = peft.build_spec(pcfg, base_paths, model_cfg)
-  module = module.clone(peft=spec, attention=common.attention_impl(args.attention, dtype, False))
-  params = peft.init(module, hf.load(model_dir, dtype).params, jax.random.PRNGKey(args.seed))
-  trainable = peft.trainable_paths(pcfg, base_paths, params)
-  flat = tree.flatten(params)
+  model = assembly.load_model(model_dir, pcfg, compute=args.compute, seed=args.seed,
+                              attention=args.attention)
+  flat = tree.flatten(model.params)
   names = {p: p.rsplit("/", 1)[0].replace("layers_", "layers.").replace("/", ".")
            for p in flat if p.endswith("/lora_a")}
   names.update({p: p.split("/")[0] for p in ("prefix/kv", "prompt/embedding") if p in flat})
   init = adapter_init(args.mode, {n: flat[p].shape for p, n in names.items()}, args.seed)
-  flat.update({p: jnp.asarray(init[n]) for p, n in names.items()})
-  if args.base_dtype == "bf16":  # peft.base_dtype: frozen base weights stored in bf16
-    flat.update({p: v.astype(jnp.bfloat16) for p, v in flat.items() if p not in trainable})
-  return module, tree.unflatten(flat), trainable, model_cfg
+  flat.update({p: jnp.asarray(init[n], flat[p].dtype) for p, n in names.items()})
+  return model, tree.unflatten(flat)
 
 
 def ftjax_worker(args) -> dict:
-  """One ftjax setting: the jitted `step.train_step` on (1, B, L) batches, as ftjax.train runs it.
-  Imports only ftjax.{config,hf,optim,peft,step,tree} (no datasets / tensorboardX needed)."""
+  """One ftjax setting: the jitted `step.train_step` on (1, B, L) batches, as ftjax.train runs
+  it."""
   import functools  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from ftjax import config, optim, step, tree  # pylint: disable=import-outside-toplevel
+  from ftjax import config, loss, optim, step, tree  # pylint: disable=import-outside-toplevel
 
   dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.compute]
-  module, params, trainable, model_cfg = _ftjax_params(args, args.model_dir, dtype)
+  model, params = _ftjax_params(args, args.model_dir)
+  module, trainable = model.module, model.trainable
   params, frozen = tree.split(params, trainable)
   ocfg = config.OptimConfig(name="adamw", lr=args.lr, schedule="constant", no_decay=[],
                             weight_decay=args.weight_decay, clip_norm=0.0)
   total = 1 + args.warmup + args.steps
-  tx, _ = optim.build(ocfg, total, params, model_cfg.num_layers)
+  tx, _ = optim.build(ocfg, total, params, model.config.num_layers, model.family)
   state = step.init_state(params, tx, args.seed)
   rss_built = peak_rss_mib()
 
-  apply_fn = step.logits_fn(module)  # what ftjax.train jits
   ones = np.ones((1, args.batch, args.seq), np.int32)
   positions = np.broadcast_to(np.arange(args.seq, dtype=np.int32), ones.shape)
   batches = [jax.device_put({"tokens": t[None], "positions": positions, "segment_ids": ones,
                              "loss_mask": ones}) for t in token_batches(args)]
-  chunked = (step.chunked_loss(module, dtype, trainable, args.loss_chunk)
-             if args.loss_chunk >= 0 else None)
-  jitted = jax.jit(functools.partial(step.train_step, apply_fn=apply_fn, tx=tx, chunked=chunked),
-                   donate_argnums=(0,))
+  chunked = (loss.chunked_loss(module, dtype, trainable, args.loss_chunk)
+             if args.loss_chunk >= 0 else None)  # the loss ftjax.train.loss_for picks
+  loss_fn = loss.chunked_cross_entropy(chunked) if chunked else \
+      loss.cross_entropy(loss.logits_fn(module))
+  jitted = jax.jit(functools.partial(step.train_step, loss_fn=loss_fn, tx=tx), donate_argnums=(0,))
   holder = {"state": state}
   compiled, info = None, {}
 
@@ -353,7 +347,7 @@ def summarise(args, runs: list, peak: dict) -> dict:
       rs = [r for r in runs if r["mode"] == mode and r["framework"] == fw]
       if not rs:
         continue
-      med = lambda key: statistics.median(r[key] for r in rs if r.get(key) is not None) \
+      med = lambda key, rs=rs: statistics.median(r[key] for r in rs if r.get(key) is not None) \
           if any(r.get(key) is not None for r in rs) else None
       step_s = med("median_step_s")
       flops = model_flops(args, mode)
@@ -385,7 +379,7 @@ def table(summary: dict) -> str:
            " | peak dev MiB | clean steps"]
   for mode, row in summary.items():
     ratio = row.get("ratio", {})
-    tok = lambda fw: f(row[fw]["tokens_per_s"], ".1f") if fw in row else "-"
+    tok = lambda fw, row=row: f(row[fw]["tokens_per_s"], ".1f") if fw in row else "-"
     compile_s = f(row.get("ftjax", {}).get("compile_s"), ".1f")
     lines.append(
         f"{mode:6s} | {tok('ftjax'):>11s} | {tok('hf'):>8s} |"

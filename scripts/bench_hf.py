@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
 
-import torch  # pylint: disable=wrong-import-position
-import transformers  # pylint: disable=wrong-import-position
+import torch  # noqa: E402  # pylint: disable=wrong-import-position
+import transformers  # noqa: E402  # pylint: disable=wrong-import-position
 
 
 def make_model(args) -> dict:

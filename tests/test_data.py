@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 import tiny
-from ftjax import config, data, hf, step, train
+from ftjax import config, data, hf, train
+from ftjax.loss import token_losses
 from ftjax.data import __main__ as dry_run
 from test_data_chat import CONVERSATION
 
@@ -158,7 +159,7 @@ def _per_example_losses(module, params, batch, rows):
   """{example index: (summed loss, trained tokens)} from a batch whose row r holds `rows[r]`."""
   logits, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
                            batch["segment_ids"])
-  nll, weights, _ = step.token_losses(logits, batch)
+  nll, weights, _ = token_losses(logits, batch)
   nll, weights, seg = np.asarray(nll), np.asarray(weights), batch["segment_ids"][:, 1:]
   out = {}
   for r, row in enumerate(rows):
@@ -168,6 +169,7 @@ def _per_example_losses(module, params, batch, rows):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,words", [
     ("llama", []), ("mistral", ["peft.method=prefix", "peft.prefix.length=4"])],
     ids=["llama", "mistral-window-prefix"])
@@ -194,6 +196,7 @@ def test_packed_and_unpacked_batches_give_the_same_per_example_losses(family, wo
     np.testing.assert_allclose(got[i][0], loss, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_sees_the_batches_of_an_uninterrupted_run(tiny_llama_dir, tmp_path,
                                                                     monkeypatch):
   seen = []

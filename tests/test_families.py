@@ -17,6 +17,7 @@ CASES = {  # name: (family, classifier)
     "gpt2": ("gpt2", False), "gpt2_classifier": ("gpt2", True),
     "bert": ("bert", False), "bert_classifier": ("bert", True),
     "llama_classifier": ("llama", True), "qwen2_classifier": ("qwen2", True),
+    "qwen3_classifier": ("qwen3", True),
 }
 
 
@@ -59,6 +60,7 @@ def test_bare_base_checkpoints_load(tmp_path):
   np.testing.assert_array_equal(np.asarray(model.params["h_1"]["mlp"]["c_fc"]["kernel"]), want)
 
 
+@pytest.mark.slow
 def test_minilm_hidden_states_match_transformers(minilm_dir):
   tok = hf.load_tokenizer(minilm_dir)
   sentences = ["A man is playing a guitar on the street.", "The new movie is awesome!",
@@ -76,6 +78,7 @@ def test_minilm_hidden_states_match_transformers(minilm_dir):
   np.testing.assert_allclose(np.asarray(got)[valid], want[valid], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_gpt2_greedy_decoding_matches_transformers_and_recomputation(tmp_path):
   torch_model = tiny.save_model(str(tmp_path), "gpt2")
   model = hf.load(str(tmp_path))

@@ -17,6 +17,7 @@ def _prompts(tiny_llama_dir, n=1):
   return [tok("the quick brown fox").input_ids] * n
 
 
+@pytest.mark.slow
 def test_top_k_one_and_tiny_top_p_are_greedy(model, tiny_llama_dir):
   prompts = _prompts(tiny_llama_dir, 2)
   want = generate.sample(model.module, model.params, prompts, 6)
@@ -26,6 +27,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy(model, tiny_llama_dir):
     assert got == want, knobs
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_stays_in_the_top_k(model, tiny_llama_dir):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tiny
-from ftjax import hf, peft, step, tree
+from ftjax import hf, loss, peft, tree
 from ftjax.config import PeftConfig, PromptConfig
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
@@ -43,7 +43,7 @@ def test_cudnn_attention_equals_xla(family, prompt, tmp_path):
     if family == "bert":
       grads = jax.jit(jax.grad(lambda p: jnp.sum(apply(p)[mask] ** 2)))(params)
     else:
-      grads = jax.jit(jax.grad(lambda p: step.token_losses(apply(p), batch)[0].sum()))(params)
+      grads = jax.jit(jax.grad(lambda p: loss.token_losses(apply(p), batch)[0].sum()))(params)
     return np.asarray(out, np.float32), tree.flatten(grads)
 
   (out_x, g_x), (out_c, g_c) = run("xla"), run("cudnn")

@@ -13,6 +13,10 @@ CASES = {
     "llama": ("llama", {}),
     "mistral_sliding_window": ("mistral", {}),
     "qwen2_qkv_bias": ("qwen2", {}),
+    "qwen3_qk_norm": ("qwen3", {}),
+    "qwen3_tied_biases_sliding": ("qwen3", {"tie_word_embeddings": True, "attention_bias": True,
+                                            "use_sliding_window": True, "sliding_window": 6,
+                                            "max_window_layers": 1}),
     "tied_embeddings": ("llama", {"tie_word_embeddings": True}),
     "llama3_rope_scaling": ("llama", {"rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -81,6 +85,7 @@ def test_bf16_compute_within_bf16_tolerance(tmp_path):
   assert err > 0  # the compute really ran in bf16
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_transformers(tmp_path):
   torch_model = tiny.save_model(str(tmp_path), "qwen2")
   model = hf.load(str(tmp_path))

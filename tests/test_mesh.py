@@ -42,6 +42,7 @@ def test_every_mesh_gives_the_same_losses(method, tiny_llama_dir, reverse_data, 
   assert sharded["params"] < sharded["params_total"] / 2  # split, not replicated
 
 
+@pytest.mark.slow
 def test_fsdp_holds_an_eighth_per_device(tiny_llama_dir, reverse_data, tmp_path):
   memory = train.run(_cfg(tiny_llama_dir, reverse_data[0], tmp_path, (1, 8, 1),
                           "train.steps=1"))["memory"]
@@ -50,6 +51,7 @@ def test_fsdp_holds_an_eighth_per_device(tiny_llama_dir, reverse_data, tmp_path)
     assert 1 / 8 <= share < 1 / 8 * 1.1, (kind, share)  # norms stay replicated: a sliver more
 
 
+@pytest.mark.slow
 def test_a_checkpoint_moves_between_meshes(tiny_llama_dir, reverse_data, tmp_path):
   whole = train.run(_cfg(tiny_llama_dir, reverse_data[0], tmp_path / "whole", (1, 1, 1),
                          "train.steps=4"))
@@ -141,6 +143,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one(tiny_llama_dir, rev
                              [single["losses"][s] for s in (1, 2, 3, 4)], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_unreachable_coordinator_is_one_clear_error(tiny_llama_dir, reverse_data, tmp_path):
   port = _free_port()
   proc = subprocess.run(

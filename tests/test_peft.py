@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 import tiny
 from conftest import REPO
-from ftjax import checkpoint, config, data, export, generate, hf, peft, step, train, tree
+from ftjax import checkpoint, config, data, export, generate, hf, loss, peft, train, tree
 
 
 def _cfg(model_dir, *words, **overrides):
@@ -45,13 +45,14 @@ def _torch_logits(model, virtual=0):
   return out[:, virtual:].numpy()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("words", [
     ["peft.method=lora"],
     ["peft.method=lora", "peft.lora.targets=[all-linear]", "peft.lora.dora=true"],
     ["peft.method=adapter"],
     ["peft.method=adapter", "peft.adapter.positions=[ffn]", "peft.adapter.activation=gelu"],
-], ids=["lora", "dora", "houlsby", "pfeiffer"])
+    ["peft.method=ia3"],
+], ids=["lora", "dora", "houlsby", "pfeiffer", "ia3"])
 def test_fresh_lora_and_adapters_are_the_base_model(family, words, tmp_path):
   tiny.save_model(str(tmp_path), family)
   tokenizer = hf.load_tokenizer(str(tmp_path))
@@ -82,13 +83,22 @@ def _peft_config(kind):
       "prompt": hf_peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
       "lora_conv1d": hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
                                         fan_in_fan_out=True, init_lora_weights=False),
+      "ia3": hf_peft.IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False),
+      "ia3_all": hf_peft.IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False,
+                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                   "up_proj", "down_proj"],
+                                   feedforward_modules=["up_proj", "down_proj"]),
+      "ia3_conv1d": hf_peft.IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False,
+                                      target_modules=["c_attn", "mlp.c_proj"],
+                                      feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True),
   }[kind]
 
 
 @pytest.mark.parametrize("kind,family", [
     ("lora_rslora", "llama"), ("dora", "llama"), ("lora_head", "qwen2"), ("prefix", "llama"),
     ("prefix_projection", "llama"), ("prefix", "mistral"), ("prompt", "llama"),
-    ("lora_conv1d", "gpt2"), ("prefix", "gpt2"), ("prompt", "gpt2")])
+    ("lora_conv1d", "gpt2"), ("prefix", "gpt2"), ("prompt", "gpt2"), ("lora_rslora", "qwen3"),
+    ("ia3", "llama"), ("ia3_all", "qwen2"), ("ia3", "qwen3"), ("ia3_conv1d", "gpt2")])
 def test_hf_peft_adapter_loads_with_matching_logits(kind, family, tmp_path):
   model_dir, adapter_dir = str(tmp_path / "model"), str(tmp_path / "adapter")
   tiny.save_model(model_dir, family)
@@ -101,7 +111,7 @@ def test_hf_peft_adapter_loads_with_matching_logits(kind, family, tmp_path):
   pm.save_pretrained(adapter_dir)
   pm.eval()
   method = {"lora_rslora": "lora", "dora": "lora", "lora_head": "lora",
-            "lora_conv1d": "lora"}.get(kind, kind)
+            "lora_conv1d": "lora", "ia3_all": "ia3", "ia3_conv1d": "ia3"}.get(kind, kind)
   method = "prefix" if method == "prefix_projection" else method
   cfg = _cfg(model_dir, f"peft.method={method}", f"peft.init_from={adapter_dir}")
   model = train.build_model(cfg, hf.load_tokenizer(model_dir))
@@ -153,12 +163,15 @@ def runs(tiny_llama_dir, tmp_path_factory):
                  "peft.prompt.init=text", "peft.prompt.init_text=reverse these words"],
       "adapter": ["peft.method=adapter", "peft.adapter.size=8"],
       "norms": ["peft.trainable=[norm]"],
+      "ia3": ["peft.method=ia3", "peft.ia3.targets=[q_proj, k_proj, v_proj, up_proj, down_proj]",
+              "peft.ia3.feedforward=[down_proj]", "optim.lr=5e-2"],
   }
   return {name: _run(tiny_llama_dir, files, str(root / name), *words)
           for name, words in specs.items()}
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "prefix", "prompt"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "dora", "prefix", "prompt", "ia3"])
 def test_peft_export_loads_in_hf_peft_with_the_runs_eval_loss(name, runs, tiny_llama_dir,
                                                               tmp_path):
   cfg, summary = runs[name]
@@ -184,7 +197,8 @@ def test_peft_export_loads_in_hf_peft_with_the_runs_eval_loss(name, runs, tiny_l
   assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
 
 
-@pytest.mark.parametrize("name", ["lora", "dora"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3"])
 def test_merged_export_matches_unmerged_lora(name, runs, tiny_llama_dir, tmp_path):
   cfg, summary = runs[name]
   merged = export.export(summary["output_dir"], "hf", str(tmp_path / "merged"))
@@ -198,6 +212,7 @@ def test_merged_export_matches_unmerged_lora(name, runs, tiny_llama_dir, tmp_pat
   assert abs(_torch_eval_loss(model, cfg, tokenizer) - summary["after"]["eval_loss"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_frozen_leaves_stay_bitwise_and_only_trainable_ones_have_state(runs, tiny_llama_dir,
                                                                        tmp_path):
   _, summary = runs["norms"]
@@ -231,6 +246,7 @@ def test_frozen_leaves_stay_bitwise_and_only_trainable_ones_have_state(runs, tin
     assert moments == 2 * n  # AdamW's mu and nu, for the trainable leaves only
 
 
+@pytest.mark.slow
 def test_bf16_base_weights_train_like_fp32(runs, tiny_llama_dir, tmp_path):
   cfg, summary = runs["adapter"]
   _, bf16 = _run(tiny_llama_dir, (cfg.data.train, cfg.data.eval), str(tmp_path / "bf16"),
@@ -239,6 +255,7 @@ def test_bf16_base_weights_train_like_fp32(runs, tiny_llama_dir, tmp_path):
                              [summary["losses"][s] for s in range(1, 9)], rtol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("words", [["peft.method=prefix", "peft.prefix.length=3"],
                                    ["peft.method=prompt", "peft.prompt.length=3"],
                                    ["peft.method=lora", "peft.lora.targets=[all-linear]"]])
@@ -272,6 +289,7 @@ def _cli(capsys, module, argv):
   return code, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["unknown_method", "target_matches_nothing", "zero_rank",
                                   "prefix_too_long", "wrong_adapter_type", "not_an_adapter",
                                   "nothing_trainable"])
@@ -301,6 +319,7 @@ def test_peft_bad_config_is_one_clear_line(case, capsys, tiny_llama_dir, runs, t
   assert len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,to,needle", [
     ("adapter", "peft", "bottleneck adapters have no HF PEFT format"),
     ("adapter", "hf", "cannot be merged into the base weights"),
@@ -326,7 +345,7 @@ def test_lora_dropout_only_in_training(tiny_llama_dir):
   params = tree.unflatten(flat)
   tokens, positions, segment_ids = _batch()
   batch = {"tokens": tokens, "positions": positions, "segment_ids": segment_ids}
-  apply = step.logits_fn(model.module)  # pylint: disable=protected-access
+  apply = loss.logits_fn(model.module)
   key = jax.random.PRNGKey(0)
   eval_a, eval_b = apply(params, batch), apply(params, batch)
   train_a, train_b = apply(params, batch, key), apply(params, batch, key)
@@ -337,6 +356,7 @@ def test_lora_dropout_only_in_training(tiny_llama_dir):
                 np.asarray(train_a)).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_lora_merge_and_unmerge(tiny_llama_dir):
   model = train.build_model(_cfg(tiny_llama_dir, "peft.method=lora", "peft.lora.r=4",
                                  "peft.lora.targets=[all-linear]"),
@@ -357,6 +377,7 @@ def test_lora_merge_and_unmerge(tiny_llama_dir):
     np.testing.assert_allclose(back[p], v, atol=1e-6, err_msg=p)
 
 
+@pytest.mark.slow
 def test_tied_embeddings_trained_with_lora_export_to_peft(tmp_path):
   model_dir = str(tmp_path / "tied")
   tiny.save_model(model_dir, "llama", tie_word_embeddings=True)
@@ -375,6 +396,37 @@ def test_tied_embeddings_trained_with_lora_export_to_peft(tmp_path):
   assert "embed_tokens/embedding" in again.trainable
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family,words", [
+    ("qwen3", ["peft.method=lora", "peft.lora.targets=[all-linear]"]),
+    ("qwen3", ["peft.method=ia3", "optim.lr=5e-2"]),
+    ("gpt2", ["peft.method=ia3", "peft.ia3.targets=[c_attn, mlp/c_proj]",
+              "peft.ia3.feedforward=[mlp/c_proj]", "optim.lr=5e-2"]),
+], ids=["qwen3_lora", "qwen3_ia3", "gpt2_ia3"])
+def test_round_trip_through_hf_peft(family, words, tmp_path):
+  """Train, export to PEFT (PEFT's loss = the run's), load the export back (same logits)."""
+  model_dir = str(tmp_path / "model")
+  tiny.save_model(model_dir, family)
+  files = (tiny.write_jsonl(str(tmp_path / "train.jsonl"), tiny.reverse_records(32)),
+           tiny.write_jsonl(str(tmp_path / "eval.jsonl"), tiny.reverse_records(8, seed=1)))
+  cfg, summary = _run(model_dir, files, str(tmp_path / "run"), *words, steps=4)
+  out = export.export(summary["output_dir"], "peft", str(tmp_path / "adapter"))
+  pm = hf_peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(model_dir), out).eval()
+  assert abs(_torch_eval_loss(pm, cfg, hf.load_tokenizer(model_dir))
+             - summary["after"]["eval_loss"]) < 1e-4
+  assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+  method = cfg.peft.method
+  again = train.build_model(_cfg(model_dir, f"peft.method={method}", f"peft.init_from={out}"),
+                            hf.load_tokenizer(model_dir))
+  _, trained, _ = export.load_run(summary["output_dir"])[1:]
+  ours, real = _ftjax_logits(again)
+  want, _ = _ftjax_logits(again, trained)
+  assert np.abs(ours[real] - want[real]).max() < 1e-4
+  assert np.abs(ours[real] - _torch_logits(pm)[real]).max() < 1e-4
+
+
+@pytest.mark.slow
 def test_resume_refuses_a_different_peft_config(runs):
   cfg, summary = runs["dora"]
   changed = config.load(None, [f"{k}={v}" for k, v in {

@@ -106,6 +106,7 @@ def _words(model_dir, data, out):
           "precision.compute=fp32"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "delete", "metadata", "stale"])
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_resumes_exactly(
     how, tiny_llama_dir, uninterrupted, tmp_path):
@@ -139,6 +140,7 @@ def test_checkpoint_sums_see_one_changed_bit_and_swapped_values():
   assert checkpoint.fingerprint(a)["['x']"] != checkpoint.fingerprint(swapped)["['x']"]
 
 
+@pytest.mark.slow
 def test_with_no_intact_checkpoint_the_run_stops_in_one_line_and_deletes_nothing(
     tiny_llama_dir, uninterrupted, tmp_path, capsys):
   data, _ = uninterrupted

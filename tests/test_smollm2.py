@@ -18,6 +18,7 @@ def models(smollm2_dir):
           transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir).eval())
 
 
+@pytest.mark.slow
 def test_logits_match_transformers(models):
   ours, tokenizer, theirs = models
   text = "The capital of France is Paris, and the capital of Italy is"
@@ -31,6 +32,7 @@ def test_logits_match_transformers(models):
   np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_greedy_decoding_matches_transformers(models):
   ours, tokenizer, theirs = models
   questions = ["What is the capital of France?", "Name three colours.", "Who wrote Hamlet?",
@@ -49,6 +51,7 @@ def test_greedy_decoding_matches_transformers(models):
   assert "Paris" in tokenizer.decode(got[0])
 
 
+@pytest.mark.slow
 def test_generate_cli_applies_the_chat_template(models, smollm2_dir, capsys):
   ours, tokenizer, theirs = models
   question = "What is the capital of France?"
@@ -64,6 +67,7 @@ def test_generate_cli_applies_the_chat_template(models, smollm2_dir, capsys):
   assert printed == tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True).strip()
 
 
+@pytest.mark.slow
 def test_short_lora_run_lowers_held_out_loss_and_exports_to_peft(smollm2_dir, tmp_path):
   import os  # pylint: disable=import-outside-toplevel
 
@@ -96,6 +100,7 @@ def test_short_lora_run_lowers_held_out_loss_and_exports_to_peft(smollm2_dir, tm
   assert abs(nll_sum / count - summary["after"]["eval_loss"]) < 1e-3
 
 
+@pytest.mark.slow
 def test_generation_metrics_score_greedy_outputs_against_references(smollm2_dir):
   import sacrebleu  # pylint: disable=import-outside-toplevel
   from rouge_score import rouge_scorer  # pylint: disable=import-outside-toplevel

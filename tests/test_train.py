@@ -64,6 +64,7 @@ def _torch_reference(model_dir, cfg, steps):
   return losses
 
 
+@pytest.mark.slow
 def test_full_finetune_matches_pytorch_adamw(tiny_llama_dir, reverse_data, tmp_path):
   cfg = _cfg(tiny_llama_dir, reverse_data[0], str(tmp_path / "run"))
   summary = train.run(cfg)
@@ -73,6 +74,7 @@ def test_full_finetune_matches_pytorch_adamw(tiny_llama_dir, reverse_data, tmp_p
   assert ours[-1] < ours[0] - 0.5  # it learned something
 
 
+@pytest.mark.slow
 def test_resume_follows_uninterrupted_run(tiny_llama_dir, reverse_data, tmp_path):
   whole = train.run(_cfg(tiny_llama_dir, reverse_data[0], str(tmp_path / "a"),
                          **{"train.steps": 6, "checkpoint.every": 3}))
@@ -109,6 +111,7 @@ def test_prompt_completion_mask_and_vocab_check(tiny_llama_dir, tmp_path):
     data.check_vocab([ex], 100)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_one_big_batch(tiny_llama_dir, reverse_data, tmp_path):
   one = train.run(_cfg(tiny_llama_dir, reverse_data[0], str(tmp_path / "one"),
                        **{"train.steps": 4}))
@@ -118,6 +121,7 @@ def test_grad_accumulation_equals_one_big_batch(tiny_llama_dir, reverse_data, tm
                              [one["losses"][s] for s in range(1, 5)], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_run_directory_contents(tiny_llama_dir, reverse_data, tmp_path):
   out = str(tmp_path / "run")
   cfg = _cfg(tiny_llama_dir, reverse_data[0], out,

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 import tiny
 from conftest import REPO
-from ftjax import checkpoint, config, data, evaluation, export, hf, optim, step, train, tree
+from ftjax import checkpoint, config, data, evaluation, export, hf, loss, optim, step, train, tree
 
 
 def _cfg(model_dir, out_dir="unused", *words, **overrides):
@@ -38,11 +38,13 @@ def _grads(model, batch, accum=1):
   """(summed gradients / trained tokens, tokens) of the trainable part, `accum` micro-batches."""
   params, frozen = tree.split(model.params, model.trainable)
   micro = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.items()}
-  grads, _, count, _ = step.accumulate(params, frozen, micro, jax.random.PRNGKey(0),
-                                    step.logits_fn(model.module))
+  grads, _, aux = step.accumulate(params, frozen, micro, jax.random.PRNGKey(0),
+                                  loss.cross_entropy(loss.logits_fn(model.module)))
+  count = aux["tokens"]
   return jax.tree.map(lambda g: g / count, grads), float(count)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,words", [
     ("adamw", ["optim.weight_decay=0.1"]),
     ("adam", ["optim.weight_decay=0.01", "optim.schedule=wsd", "optim.warmup_steps=2"]),
@@ -73,6 +75,7 @@ def test_schedules_equal_their_formulas():
   assert at("wsd", 110) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_layerwise_learning_rates_move_each_group_by_its_lr(tiny_llama_dir):
   tok = hf.load_tokenizer(tiny_llama_dir)
   words = ["optim.name=sgd", "optim.lr=0.1", "optim.clip_norm=0", "optim.schedule=constant",
@@ -83,10 +86,10 @@ def test_layerwise_learning_rates_move_each_group_by_its_lr(tiny_llama_dir):
   batch = _batch(tok, cfg)
   grads, _ = _grads(model, batch)
   params, frozen = tree.split(model.params, model.trainable)
-  tx, _ = optim.build(cfg.optim, 10, params, num_layers=2)
+  tx, _ = optim.build(cfg.optim, 10, params, num_layers=2, family=model.family)
   state = step.init_state(params, tx, 0)
   new, _ = step.train_step(state, frozen, {k: v[None] for k, v in batch.items()},
-                           apply_fn=step.logits_fn(model.module), tx=tx)
+                           loss_fn=loss.cross_entropy(loss.logits_fn(model.module)), tx=tx)
   # depth: embeddings 0, layer i at i + 1, final norm and head 3 (of 2 layers + 1)
   want_lr = {"embed_tokens": 0.01 * 0.5**3, "layers_0": 0.1 * 0.5**2, "layers_1": 0.1 * 0.5,
              "norm": 0.1, "lm_head": 1.0}
@@ -106,10 +109,10 @@ def test_layerwise_learning_rates_move_each_group_by_its_lr(tiny_llama_dir):
   params = tree.unflatten({**tree.flatten(params), **b})  # nonzero B: both A and B get gradients
   model.params = tree.merge(params, frozen)
   grads, _ = _grads(model, batch)
-  tx, _ = optim.build(lora.optim, 10, params, num_layers=2)
+  tx, _ = optim.build(lora.optim, 10, params, num_layers=2, family=model.family)
   new, _ = step.train_step(step.init_state(params, tx, 0), frozen,
                            {k: v[None] for k, v in batch.items()},
-                           apply_fn=step.logits_fn(model.module), tx=tx)
+                           loss_fn=loss.cross_entropy(loss.logits_fn(model.module)), tx=tx)
   old, moved, g = tree.flatten(params), tree.flatten(new.params), tree.flatten(grads)
   for path in old:
     lr = 0.1 * (16 if path.endswith("lora_b") else 1)
@@ -119,6 +122,7 @@ def test_layerwise_learning_rates_move_each_group_by_its_lr(tiny_llama_dir):
                                err_msg=path)
 
 
+@pytest.mark.slow
 def test_accumulation_matches_one_batch_with_uneven_trained_tokens(tiny_llama_dir):
   tok = hf.load_tokenizer(tiny_llama_dir)
   cfg = _cfg(tiny_llama_dir)
@@ -133,6 +137,7 @@ def test_accumulation_matches_one_batch_with_uneven_trained_tokens(tiny_llama_di
     np.testing.assert_allclose(tree.flatten(four)[path], g, rtol=1e-5, atol=1e-7, err_msg=path)
 
 
+@pytest.mark.slow
 def test_remat_gives_identical_gradients(tiny_llama_dir):
   tok = hf.load_tokenizer(tiny_llama_dir)
   batch = _batch(tok, _cfg(tiny_llama_dir))
@@ -144,6 +149,7 @@ def test_remat_gives_identical_gradients(tiny_llama_dir):
       np.testing.assert_allclose(tree.flatten(got)[path], g, rtol=1e-5, atol=1e-7, err_msg=path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_a_non_finite_gradient_is_skipped_and_counted(precision, tiny_llama_dir):
   tok = hf.load_tokenizer(tiny_llama_dir)
@@ -155,8 +161,9 @@ def test_a_non_finite_gradient_is_skipped_and_counted(precision, tiny_llama_dir)
   poisoned[kernel] = poisoned[kernel].at[0, 0].set(jnp.inf)  # the injected fault
   tx, _ = optim.build(cfg.optim, 10, params)
   fp16 = precision == "fp16"
-  fn = jax.jit(lambda s, f, b: step.train_step(s, f, b, apply_fn=step.logits_fn(model.module),
-                                               tx=tx, dynamic_scale=fp16))
+  loss_fn = loss.cross_entropy(loss.logits_fn(model.module))
+  fn = jax.jit(lambda s, f, b: step.train_step(s, f, b, loss_fn=loss_fn, tx=tx,
+                                               dynamic_scale=fp16))
   state = step.init_state(params, tx, 0, 1024.0 if fp16 else 1.0)
   batch = {k: v[None] for k, v in _batch(tok, cfg).items()}
   before = jax.device_get(state)
@@ -173,6 +180,7 @@ def test_a_non_finite_gradient_is_skipped_and_counted(precision, tiny_llama_dir)
                                                         jax.tree.leaves(good.params)))
 
 
+@pytest.mark.slow
 def test_a_run_that_keeps_diverging_stops_with_a_diagnostic(tiny_llama_dir, reverse_data,
                                                             tmp_path, capsys):
   model_dir = tmp_path / "model"
@@ -194,6 +202,7 @@ def test_a_run_that_keeps_diverging_stops_with_a_diagnostic(tiny_llama_dir, reve
   assert all(np.abs(v).max() == 0 for p, v in saved.items() if p.endswith("lora_b"))  # untouched
 
 
+@pytest.mark.slow
 def test_fp16_trains_with_a_dynamic_loss_scale(tiny_llama_dir, reverse_data, tmp_path):
   cfg = _cfg(tiny_llama_dir, tmp_path, "precision.compute=fp16", f"data.train={reverse_data[0]}",
              "train.steps=16", "optim.lr=3e-3", "precision.loss_scale_period=3")
@@ -218,14 +227,15 @@ def _metrics(run_dir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_attention_dropout_only_in_training(tmp_path):
   tiny.save_model(str(tmp_path), "llama", attention_dropout=0.3)
   tok = hf.load_tokenizer(str(tmp_path))
   cfg = _cfg(str(tmp_path))
   model = train.build_model(cfg, tok)
-  assert model.loaded.config.attention_dropout == 0.3
+  assert model.config.attention_dropout == 0.3
   batch = _batch(tok, cfg, n=2)
-  apply = step.logits_fn(model.module)
+  apply = loss.logits_fn(model.module)
   evals = [np.asarray(apply(model.params, batch)) for _ in range(2)]
   trains = [np.asarray(apply(model.params, batch, jax.random.PRNGKey(i))) for i in range(2)]
   np.testing.assert_array_equal(evals[0], evals[1])
@@ -237,6 +247,7 @@ def test_attention_dropout_only_in_training(tmp_path):
   np.testing.assert_array_equal(np.asarray(logits), evals[0])  # eval ignores dropout entirely
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_checkpoint(tiny_llama_dir, tmp_path):
   # Train on "the fox -> dog"; the crafted eval set wants "bird" after the same prompt, so its
   # loss falls while generic tokens are learned, then rises as "dog" takes over.
@@ -258,7 +269,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_llama_dir, tmp_path):
   tok = hf.load_tokenizer(str(tmp_path / "best_hf"))
   best = train.build_model(_cfg(str(tmp_path / "best_hf"), "unused", f"data.eval={eval_file}"),
                            tok)
-  eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=step.logits_fn(best.module)))
+  eval_fn = jax.jit(functools.partial(step.eval_step, apply_fn=loss.logits_fn(best.module)))
   examples = data.load(eval_file, cfg.data, tok)
   result = evaluation.evaluate(eval_fn, best.params, {}, examples, cfg, tok.pad_token_id)
   assert result["eval_loss"] == pytest.approx(evals[best_step], rel=1e-5)
@@ -266,6 +277,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_llama_dir, tmp_path):
   assert again["final_step"] == stopped and again["stopped_early"] == stopped
 
 
+@pytest.mark.slow
 def test_epochs_set_the_number_of_steps(tiny_llama_dir, reverse_data, tmp_path):
   cfg = _cfg(tiny_llama_dir, tmp_path, f"data.train={reverse_data[0]}", "train.epochs=1.5")
   summary = train.run(cfg)
@@ -350,6 +362,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_usable(
   assert resumed["losses"][s] == pytest.approx(whole["losses"][s], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_distillation_from_itself_at_alpha_zero_starts_at_zero(tiny_llama_dir, reverse_data,
                                                                tmp_path):
   cfg = _cfg(tiny_llama_dir, tmp_path, f"data.train={reverse_data[0]}", "train.steps=2",
@@ -360,6 +373,7 @@ def test_distillation_from_itself_at_alpha_zero_starts_at_zero(tiny_llama_dir, r
   assert abs(summary["losses"][1]) < 1e-6 and abs(_metrics(tmp_path)[0]["kl"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_a_distilled_student_moves_toward_its_teacher(tiny_llama_dir, reverse_data, tmp_path):
   teacher = tmp_path / "teacher"
   tiny.save_model(str(teacher), "llama", seed=1)  # other weights, the same tokenizer
@@ -395,6 +409,7 @@ def test_a_teacher_with_another_tokenizer_is_refused(tiny_llama_dir, reverse_dat
       len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,overrides,method", [
     ("llama", {}, "none"), ("llama", {"tie_word_embeddings": True}, "none"), ("gpt2", {}, "none"),
     ("llama", {}, "lora")], ids=["untied", "tied", "gpt2", "lora_frozen_head"])
@@ -407,14 +422,16 @@ def test_chunked_loss_equals_whole_batch_logits(family, overrides, method, tmp_p
   segment_ids = (np.arange(32)[None, None] < np.array([32, 20, 9])[None, :, None]).astype(np.int32)
   batch = {"tokens": tokens, "positions": np.broadcast_to(np.arange(32), tokens.shape),
            "segment_ids": segment_ids, "loss_mask": segment_ids}
-  chunked = train.chunked_loss(cfg, model.module, jnp.float32, model.trainable)
+  chunked = loss.chunked_loss(model.module, jnp.float32, model.trainable, cfg.train.loss_chunk)
   assert chunked is not None and chunked.chunk == 24
   assert chunked.kernel_grad == (method == "none")
   params, frozen = tree.split(model.params, model.trainable)
-  run = lambda c: jax.jit(lambda p: step.accumulate(p, frozen, batch, jax.random.PRNGKey(0),
-                                                     step.logits_fn(model.module), chunked=c)
-                          )(params)
-  (g_whole, loss_whole, n_whole, _), (g_chunk, loss_chunk, n_chunk, _) = run(None), run(chunked)
+  whole_fn = loss.cross_entropy(loss.logits_fn(model.module))
+  run = lambda fn: jax.jit(lambda p: step.accumulate(p, frozen, batch, jax.random.PRNGKey(0),
+                                                      fn))(params)
+  (g_whole, loss_whole, aux_whole), (g_chunk, loss_chunk, aux_chunk) = \
+      run(whole_fn), run(loss.chunked_cross_entropy(chunked))
+  n_whole, n_chunk = aux_whole["tokens"], aux_chunk["tokens"]
   assert float(n_chunk) == float(n_whole) == 31 + 19 + 8
   np.testing.assert_allclose(float(loss_chunk), float(loss_whole), rtol=1e-6)
   for path, want in tree.flatten(g_whole).items():

@@ -24,6 +24,8 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", "MistralForSequenceClassification",
                 {**_LLAMA, "sliding_window": 8}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", _LLAMA),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification",
+              {**_LLAMA, "head_dim": 24}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", "GPT2ForSequenceClassification",
              dict(vocab_size=320, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)),

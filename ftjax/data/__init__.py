@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 from typing import Any, Optional
 
@@ -23,6 +24,8 @@ import numpy as np
 from ftjax.config import DataConfig, UserError
 from ftjax.data import formats, sources
 from ftjax.data.batches import Batches, Example, bucket_lengths, collate, eval_batches, pack
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Batches", "Example", "bucket_lengths", "collate", "eval_batches", "pack",
            "load", "load_splits", "tokenize", "check_vocab", "Split", "Data"]
@@ -277,7 +280,7 @@ def tokenize(records: list[dict], cfg: DataConfig, tokenizer: Any, path: str,
   split = _finish([(part, np.arange(len(part)))], cfg, labels, path, tokenizer)
   stats = split.stats
   if stats.truncated or stats.too_long or stats.untrained or stats.skipped:
-    print(stats.describe(path, len(split.examples)))
+    logger.info(stats.describe(path, len(split.examples)))
   return split.examples
 
 

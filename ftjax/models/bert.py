@@ -15,10 +15,9 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ftjax import peft as peft_lib
 from ftjax.config import UserError
 from ftjax.models import common, layers
-from ftjax.peft.adapter import Adapter
+from ftjax.models.family import Family
 
 ARCHITECTURES = {"BertModel": "bert", "BertForSequenceClassification": "bert",
                  "BertForMaskedLM": "bert", "BertForPreTraining": "bert"}
@@ -66,7 +65,7 @@ class BertConfig(layers.FullHeads):
 class SelfAttention(nn.Module):
   cfg: BertConfig
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
 
   @nn.compact
   def __call__(self, h_BxLxD, mask, prefix_kv=None):
@@ -87,7 +86,7 @@ class Output(nn.Module):
   axes: tuple
   adapter: Optional[str] = None  # 'attn' | 'ffn' when a bottleneck adapter sits here
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
 
   @nn.compact
   def __call__(self, x, residual):
@@ -95,9 +94,8 @@ class Output(nn.Module):
     y = layers.Dense(self.cfg.hidden_size, self.axes, True, self.dtype, peft=spec,
                      name="dense")(x)
     y = layers.dropout(self, self.cfg.hidden_dropout, y)
-    if self.adapter in spec.adapter_positions:
-      y = Adapter(spec.adapter_size, spec.adapter_activation, self.dtype,
-                  name=f"{self.adapter}_adapter")(y)
+    if self.adapter:
+      y = spec.sublayer(self, self.adapter, y)
     return layers.LayerNorm(self.cfg.layer_norm_eps, self.dtype, name="LayerNorm")(y + residual)
 
 
@@ -106,7 +104,7 @@ class Attention(nn.Module):
 
   cfg: BertConfig
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
 
   @nn.compact
   def __call__(self, h_BxLxD, mask, prefix_kv=None):
@@ -118,7 +116,7 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
   cfg: BertConfig
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
 
   @nn.compact
   def __call__(self, h_BxLxD):
@@ -130,7 +128,7 @@ class Intermediate(nn.Module):
 class Layer(nn.Module):
   cfg: BertConfig
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
 
   @nn.compact
   def __call__(self, h_BxLxD, mask, prefix_kv=None):
@@ -165,7 +163,7 @@ class Embeddings(nn.Module):
 class Bert(nn.Module):
   cfg: BertConfig
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
   remat: str = "none"
   num_labels: int = 0
   attention: str = "xla"  # xla | cudnn (fused flash attention on GPUs; unpacked rows only)
@@ -181,12 +179,12 @@ class Bert(nn.Module):
       raise UserError("BERT encoders do not generate text")
     embeddings = Embeddings(cfg, self.dtype, name="embeddings")
     h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
-        embeddings.words(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype,
+        self, embeddings.words(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype,
         virtual_tokens)
     h = layers.dropout(self, cfg.hidden_dropout, embeddings(h, positions_BxL))
-    masks, prefixes, _, _ = common.masks_and_prefixes(positions_BxL, segment_ids_BxL, None, spec,
-                                                      cfg, self.dtype, causal=False,
-                                                      attention=self.attention)
+    masks, prefixes, _, _ = common.masks_and_prefixes(
+        self, positions_BxL, segment_ids_BxL, None, spec, cfg, self.dtype, causal=False,
+        attention=self.attention)
     layer = Layer if self.remat == "none" else nn.remat(Layer,
                                                         policy=layers.REMAT_POLICIES[self.remat])
     for i in range(cfg.num_layers):
@@ -202,3 +200,29 @@ class Bert(nn.Module):
     logits = layers.Dense(self.num_labels, ("embed", None), True, self.dtype,
                           name="classifier")(pooled)
     return logits.astype(jnp.float32), None
+
+
+_NORM = [("weight", "scale", False), ("bias", "bias", False)]
+_LINEAR = [("weight", "kernel", True), ("bias", "bias", False)]
+# (HF name, ftjax path, transpose)
+TABLE = (
+    *[(f"bert.embeddings.{n}.weight", f"embeddings/{n}/embedding", False)
+      for n in ["word_embeddings", "position_embeddings", "token_type_embeddings"]],
+    *[(f"bert.embeddings.LayerNorm.{w}", f"embeddings/LayerNorm/{p}", t) for w, p, t in _NORM],
+    *[(f"bert.encoder.layer.{{i}}.{m}.{w}", f"layer_{{i}}/{m.replace('.', '/')}/{p}", t)
+      for m, rows in [("attention.self.query", _LINEAR), ("attention.self.key", _LINEAR),
+                      ("attention.self.value", _LINEAR), ("attention.output.dense", _LINEAR),
+                      ("attention.output.LayerNorm", _NORM), ("intermediate.dense", _LINEAR),
+                      ("output.dense", _LINEAR), ("output.LayerNorm", _NORM)]
+      for w, p, t in rows],
+    *[(f"bert.pooler.dense.{w}", f"pooler/{p}", t) for w, p, t in _LINEAR],
+    *[(f"classifier.{w}", f"classifier/{p}", t) for w, p, t in _LINEAR],
+)
+
+FAMILY = Family(
+    "bert", ARCHITECTURES, BertConfig.from_hf, Bert, TABLE, "bert.",
+    embedding="embeddings/word_embeddings/embedding", layer=r"(?:^|/)layer_(\d+)/",
+    kinds=(("norm", r"LayerNorm/"), ("embedding", r"^embeddings/"), ("attention", r"/attention/"),
+           ("mlp", r"/(intermediate|output)/"), ("head", r"^(pooler|classifier)/")),
+    heads=("classifier",), classifier_head="classifier", optional=("classifier", "pooler"),
+    classifiers={"bert": "BertForSequenceClassification"}, causal_lm=False)

@@ -1,9 +1,9 @@
 """What every family's top-level module does around its layers: soft prompts, attention masks,
 prefixes and the sequence-classification head.
 
-The functions run inside a module's `@nn.compact` method, so the submodules they create (the
-soft prompt, the prefix, the score head) land in that module's scope under fixed names:
-`prompt`, `prefix`, `score`.
+The functions run inside a module's `@nn.compact` method (passed as `module`), so the submodules
+they and the PEFT hooks create (the soft prompt, the prefix, the score head) land in that
+module's scope under fixed names: `prompt`, `prefix`, `score`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.models import layers
-from ftjax.peft.prefix import Prefix
-from ftjax.peft.prompt import Prompt
-
-# The parameter names of each family's classification head (trained and exported with it).
-HEAD_MODULES = ("score", "classifier")
 
 
 def attention_impl(choice: str, dtype: Any, packing: bool) -> str:
@@ -30,8 +25,8 @@ def attention_impl(choice: str, dtype: Any, packing: bool) -> str:
   return "cudnn" if jax.default_backend() == "gpu" and half and not packing else "xla"
 
 
-def soft_prompt(h_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
-                spec, dtype: Any, virtual_tokens: bool = True):
+def soft_prompt(module, h_BxLxD: jax.Array, positions_BxL: jax.Array,
+                segment_ids_BxL: jax.Array, spec, dtype: Any, virtual_tokens: bool = True):
   """Shifts real positions past the virtual tokens and, under prompt tuning, prepends the soft
   tokens (only in training and in a generation's prefill: `virtual_tokens`).
 
@@ -41,7 +36,7 @@ def soft_prompt(h_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: j
   soft = spec.prompt_len if virtual_tokens else 0
   if soft:
     b, d = h_BxLxD.shape[0], h_BxLxD.shape[-1]
-    prompt = Prompt(spec.prompt_len, d, name="prompt")().astype(dtype)
+    prompt = spec.prompt(module, d).astype(dtype)
     h_BxLxD = jnp.concatenate([jnp.broadcast_to(prompt[None], (b, *prompt.shape)), h_BxLxD], 1)
     row_seg = jnp.max(segment_ids_BxL, axis=1, keepdims=True)  # unpacked rows: 1 (0 if empty)
     segment_ids_BxL = jnp.concatenate([jnp.broadcast_to(row_seg, (b, soft)), segment_ids_BxL], 1)
@@ -50,7 +45,7 @@ def soft_prompt(h_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: j
   return h_BxLxD, positions_BxL, segment_ids_BxL, soft
 
 
-def masks_and_prefixes(positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
+def masks_and_prefixes(module, positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
                        cache: Optional[dict], spec, cfg, dtype: Any, causal: bool = True,
                        attention: str = "xla"):
   """Attention masks per distinct sliding window, and prefix-tuning keys/values per layer.
@@ -76,8 +71,7 @@ def masks_and_prefixes(positions_BxL: jax.Array, segment_ids_BxL: jax.Array,
            for w in windows}
   prefixes = None
   if spec.prefix_len:
-    prefixes = Prefix(spec.prefix_len, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                      spec.prefix_hidden, dtype, name="prefix")()
+    prefixes = spec.prefix(module, cfg, dtype)
     # Prefix slots are cache positions 0..m-1 before the real tokens, as HF holds them: every
     # real query sees them, except where a sliding window has moved past (counted from the
     # query's position in its own example when packed; from its buffer index when decoding).

@@ -15,10 +15,9 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ftjax import peft as peft_lib
 from ftjax.config import UserError
 from ftjax.models import common, layers
-from ftjax.peft.adapter import Adapter
+from ftjax.models.family import Family
 
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2",
                  "GPT2ForSequenceClassification": "gpt2"}
@@ -64,7 +63,7 @@ class GPT2Config(layers.FullHeads):
 class Attention(nn.Module):
   cfg: GPT2Config
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
 
   @nn.compact
   def __call__(self, h_BxLxD, mask, kv_cache=None, cache_index=None, prefix_kv=None):
@@ -84,7 +83,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
   cfg: GPT2Config
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
 
   @nn.compact
   def __call__(self, h_BxLxD):
@@ -100,23 +99,17 @@ class MLP(nn.Module):
 class Block(nn.Module):
   cfg: GPT2Config
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
 
   @nn.compact
   def __call__(self, h_BxLxD, mask, kv_cache=None, cache_index=None, prefix_kv=None):
     norm = lambda name: layers.LayerNorm(self.cfg.layer_norm_eps, self.dtype, name=name)
     spec = self.peft
-    adapter = lambda name: Adapter(spec.adapter_size, spec.adapter_activation, self.dtype,
-                                   name=f"{name}_adapter")
     attn, kv_cache = Attention(self.cfg, self.dtype, spec, name="attn")(
         norm("ln_1")(h_BxLxD), mask, kv_cache, cache_index, prefix_kv)
-    if "attn" in spec.adapter_positions:
-      attn = adapter("attn")(attn)
-    h_BxLxD = h_BxLxD + attn
+    h_BxLxD = h_BxLxD + spec.sublayer(self, "attn", attn)
     ffn = MLP(self.cfg, self.dtype, spec, name="mlp")(norm("ln_2")(h_BxLxD))
-    if "ffn" in spec.adapter_positions:
-      ffn = adapter("ffn")(ffn)
-    return h_BxLxD + ffn, kv_cache
+    return h_BxLxD + spec.sublayer(self, "ffn", ffn), kv_cache
 
 
 class GPT2(nn.Module):
@@ -125,7 +118,7 @@ class GPT2(nn.Module):
 
   cfg: GPT2Config
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
   remat: str = "none"
   num_labels: int = 0
   attention: str = "xla"  # xla | cudnn (fused flash attention on GPUs; unpacked rows only)
@@ -138,12 +131,12 @@ class GPT2(nn.Module):
     cfg, spec = self.cfg, self.peft
     wte = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="wte")
     h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
-        wte(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
+        self, wte(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
     wpe = layers.Embed(cfg.max_positions, cfg.hidden_size, self.dtype, name="wpe")
     h = layers.dropout(self, cfg.embd_dropout, h + wpe(positions_BxL))
-    masks, prefixes, index, k_seg = common.masks_and_prefixes(positions_BxL, segment_ids_BxL,
-                                                              cache, spec, cfg, self.dtype,
-                                                              attention=self.attention)
+    masks, prefixes, index, k_seg = common.masks_and_prefixes(
+        self, positions_BxL, segment_ids_BxL, cache, spec, cfg, self.dtype,
+        attention=self.attention)
     block = Block if self.remat == "none" else nn.remat(Block,
                                                         policy=layers.REMAT_POLICIES[self.remat])
     new_layers = []
@@ -166,3 +159,28 @@ class GPT2(nn.Module):
   def output_head(self) -> tuple[str, bool]:
     """The output head's parameter path, and whether it is stored (vocab, hidden)."""
     return "wte/embedding", True
+
+
+# (HF name, ftjax path, transpose). GPT-2's Conv1D weights are stored (in, out): nothing is
+# transposed.
+TABLE = (
+    ("transformer.wte.weight", "wte/embedding", False),
+    ("transformer.wpe.weight", "wpe/embedding", False),
+    *[(f"transformer.h.{{i}}.{hf_name}.{w}", f"h_{{i}}/{ours}/{p}", False)
+      for hf_name, ours in [("ln_1", "ln_1"), ("ln_2", "ln_2")]
+      for w, p in [("weight", "scale"), ("bias", "bias")]],
+    *[(f"transformer.h.{{i}}.{m}.{w}", f"h_{{i}}/{m.replace('.', '/')}/{p}", False)
+      for m in ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+      for w, p in [("weight", "kernel"), ("bias", "bias")]],
+    ("transformer.ln_f.weight", "ln_f/scale", False),
+    ("transformer.ln_f.bias", "ln_f/bias", False),
+    ("lm_head.weight", "lm_head/kernel", True),
+    ("score.weight", "score/kernel", True),
+)
+
+FAMILY = Family(
+    "gpt2", ARCHITECTURES, GPT2Config.from_hf, GPT2, TABLE, "transformer.",
+    embedding="wte/embedding", layer=r"(?:^|/)h_(\d+)/",
+    kinds=(("embedding", r"^(wte|wpe)/"), ("attention", r"/attn/"), ("mlp", r"/mlp/"),
+           ("norm", r"(^|/)ln_"), ("head", r"^(lm_head|score)/")),
+    classifiers={"gpt2": "GPT2ForSequenceClassification"}, conv1d=True)

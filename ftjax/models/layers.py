@@ -19,16 +19,68 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ftjax.peft import lora
-
 Dtype = Any
 NEG_INF = -1e30  # finite, so that a fully masked row can never produce NaN
+
+
+def linear(module: nn.Module, x_NxI: jax.Array, kernel_IxO: jax.Array,
+           bias_O: Optional[jax.Array]) -> jax.Array:
+  """x @ kernel (+ bias) in the module's compute dtype: a dense layer without PEFT."""
+  y = jnp.dot(x_NxI.astype(module.dtype), kernel_IxO.astype(module.dtype))
+  return y if bias_O is None else y + bias_O.astype(module.dtype)
+
+
+class PeftHooks:
+  """The places where a PEFT method may change a model, and what a model does by default.
+
+  A family's modules call these hooks on their `peft` attribute (an instance of a subclass,
+  hashable because it is part of the Flax module); each PEFT method (ftjax/peft/) overrides the
+  hooks it needs. Submodules and parameters a hook creates land in the calling module's scope.
+  """
+
+  method = "none"
+  prefix_len = 0  # key/value positions prepended in every attention layer
+  prompt_len = 0  # soft tokens prepended to the input embeddings
+
+  @property
+  def virtual_tokens(self) -> int:
+    """Positions the real tokens are shifted by (prefix or soft-prompt length)."""
+    return self.prefix_len + self.prompt_len
+
+  def wraps(self, module_path: str) -> bool:  # pylint: disable=unused-argument
+    """Whether the method changes the dense layer at `module_path` ('layers_0/mlp/up_proj')."""
+    return False
+
+  def dense(self, module: nn.Module, x_NxI: jax.Array, kernel_IxO: jax.Array,
+            bias: Callable[[], Optional[jax.Array]]) -> jax.Array:
+    """A dense layer's output (bias included) for its 2-D input. `bias()` creates and returns
+    the layer's bias (None without one); a hook calls it after creating its own parameters, so
+    that the base layer's parameters keep their order (and so their random initialisation)."""
+    return linear(module, x_NxI, kernel_IxO, bias())
+
+  def sublayer(self, module: nn.Module, where: str, h_BxLxD: jax.Array) -> jax.Array:
+    """A sublayer's output before the residual add; `where` is 'attn' or 'ffn'."""
+    del module, where
+    return h_BxLxD
+
+  def prompt(self, module: nn.Module, features: int) -> Optional[jax.Array]:
+    """The soft tokens (prompt_len, features) to prepend, or None."""
+    del module, features
+    return None
+
+  def prefix(self, module: nn.Module, cfg: Any, dtype: Dtype) -> Optional[jax.Array]:
+    """Per-layer key/value prefixes (layers, 2, prefix_len, kv_heads, head_dim), or None."""
+    del module, cfg, dtype
+    return None
+
+
+NO_PEFT = PeftHooks()
 
 
 class Dense(nn.Module):
   """y = x @ kernel (+ bias), kernel stored (in, out) with logical axes.
 
-  When the PEFT spec names this layer's path, a LoRA/DoRA branch is added (see peft/lora.py).
+  The PEFT method's `dense` hook computes the output (LoRA / DoRA add a branch; see ftjax/peft).
   """
 
   features: int
@@ -37,20 +89,21 @@ class Dense(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable = nn.initializers.normal(0.02)
-  peft: Any = None
+  peft: Any = NO_PEFT
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
-    x2d = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-    y = jnp.dot(x2d, kernel.astype(self.dtype))
-    if self.peft is not None and self.peft.lora_at(self.path):
-      y = lora.apply(self, x2d, kernel, y, self.peft)
-    if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+    def bias() -> Optional[jax.Array]:
+      if not self.use_bias:
+        return None
+      return self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             self.axes[1:]),
                         (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
+
+    x2d = x.reshape(-1, x.shape[-1])
+    y = self.peft.dense(self, x2d, kernel, bias)
     return y.reshape(*x.shape[:-1], self.features)
 
 

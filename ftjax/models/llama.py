@@ -16,10 +16,9 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ftjax import peft as peft_lib
 from ftjax.config import UserError
 from ftjax.models import common, layers
-from ftjax.peft.adapter import Adapter
+from ftjax.models.family import Family
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -105,18 +104,27 @@ def _sliding_windows(hf: dict, family: str) -> Optional[tuple]:
     return None
   if family == "mistral":
     return (window,) * n
-  if family == "qwen2" and hf.get("use_sliding_window"):
-    kinds = hf.get("layer_types") or [
-        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-        for i in range(n)]
-    return tuple(window if k == "sliding_attention" else None for k in kinds)
+  if family == "qwen2":
+    return layer_windows(hf)
   return None
+
+
+def layer_windows(hf: dict) -> Optional[tuple]:
+  """Qwen-style per-layer windows: with `use_sliding_window`, the layers that `layer_types` (or
+  `max_window_layers`) marks as sliding attend within `sliding_window` tokens."""
+  n, window = hf["num_hidden_layers"], hf.get("sliding_window")
+  if not (window and hf.get("use_sliding_window")):
+    return None
+  kinds = hf.get("layer_types") or [
+      "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+      for i in range(n)]
+  return tuple(window if k == "sliding_attention" else None for k in kinds)
 
 
 class Attention(nn.Module):
   cfg: LlamaConfig
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
 
   @nn.compact
   def __call__(self, h_BxLxD, positions_BxL, mask, kv_cache=None, cache_index=None,
@@ -132,6 +140,7 @@ class Attention(nn.Module):
     q = q.reshape(b, l, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+    q, k = self.qk_norm(q, k)
     inv_freq = layers.rope_frequencies(cfg.head_dim, cfg.rope_theta,
                                        dict(cfg.rope_scaling) if cfg.rope_scaling else None)
     q = layers.apply_rope(q, positions_BxL, inv_freq)
@@ -142,11 +151,15 @@ class Attention(nn.Module):
         out.reshape(b, l, cfg.num_heads * cfg.head_dim))
     return out, kv_cache
 
+  def qk_norm(self, q_BxLxHxD, k_BxLxKxD):
+    """Per-head query/key normalisation before the rotation: none here (Qwen3 overrides it)."""
+    return q_BxLxHxD, k_BxLxKxD
+
 
 class MLP(nn.Module):
   cfg: LlamaConfig
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
 
   @nn.compact
   def __call__(self, h_BxLxD):
@@ -161,24 +174,20 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
   cfg: LlamaConfig
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
+
+  attention_cls = Attention  # a family built on this one may swap its attention in
 
   @nn.compact
   def __call__(self, h_BxLxD, positions_BxL, mask, kv_cache=None, cache_index=None,
                prefix_kv=None):
     norm = lambda name: layers.RMSNorm(self.cfg.rms_norm_eps, self.dtype, name=name)
     spec = self.peft
-    adapter = lambda name: Adapter(spec.adapter_size, spec.adapter_activation, self.dtype,
-                                   name=f"{name}_adapter")
-    attn, kv_cache = Attention(self.cfg, self.dtype, spec, name="self_attn")(
+    attn, kv_cache = self.attention_cls(self.cfg, self.dtype, spec, name="self_attn")(
         norm("input_layernorm")(h_BxLxD), positions_BxL, mask, kv_cache, cache_index, prefix_kv)
-    if "attn" in spec.adapter_positions:
-      attn = adapter("attn")(attn)
-    h_BxLxD = h_BxLxD + attn
+    h_BxLxD = h_BxLxD + spec.sublayer(self, "attn", attn)
     ffn = MLP(self.cfg, self.dtype, spec, name="mlp")(norm("post_attention_layernorm")(h_BxLxD))
-    if "ffn" in spec.adapter_positions:
-      ffn = adapter("ffn")(ffn)
-    return h_BxLxD + ffn, kv_cache
+    return h_BxLxD + spec.sublayer(self, "ffn", ffn), kv_cache
 
 
 class Llama(nn.Module):
@@ -191,12 +200,13 @@ class Llama(nn.Module):
 
   cfg: LlamaConfig
   dtype: Any = jnp.float32
-  peft: peft_lib.Spec = peft_lib.NONE
+  peft: layers.PeftHooks = layers.NO_PEFT
   remat: str = "none"  # none | full | dots: recompute each layer's activations in backward
   num_labels: int = 0  # > 0: a sequence classifier returning (B, num_labels) logits
   attention: str = "xla"  # xla | cudnn (fused flash attention on GPUs; unpacked rows only)
 
   embed_path = "embed_tokens/embedding"
+  layer_cls = DecoderLayer  # a family built on this one may swap its layer in
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL, segment_ids_BxL, cache: Optional[dict] = None,
@@ -204,13 +214,13 @@ class Llama(nn.Module):
     cfg, spec = self.cfg, self.peft
     embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
     h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
-        embed(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
-    masks, prefixes, index, k_seg = common.masks_and_prefixes(positions_BxL, segment_ids_BxL,
-                                                              cache, spec, cfg, self.dtype,
-                                                              attention=self.attention)
-    layer_cls = DecoderLayer
+        self, embed(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
+    masks, prefixes, index, k_seg = common.masks_and_prefixes(
+        self, positions_BxL, segment_ids_BxL, cache, spec, cfg, self.dtype,
+        attention=self.attention)
+    layer_cls = self.layer_cls
     if self.remat != "none":
-      layer_cls = nn.remat(DecoderLayer, policy=layers.REMAT_POLICIES[self.remat])
+      layer_cls = nn.remat(layer_cls, policy=layers.REMAT_POLICIES[self.remat])
     new_layers = []
     for i in range(cfg.num_layers):
       window = cfg.sliding_windows[i] if cfg.sliding_windows else None
@@ -241,14 +251,34 @@ class Llama(nn.Module):
     return "lm_head/kernel", False
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-  """An empty KV cache for `max_len` positions (segment id 0 marks unwritten slots).
 
-  Under prompt tuning `max_len` must count the soft tokens too.
-  """
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return {
-      "index": jnp.zeros((), jnp.int32),
-      "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-      "layers": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)],
-  }
+# (HF name, ftjax path, transpose)
+TABLE = (
+    ("model.embed_tokens.weight", "embed_tokens/embedding", False),
+    *[(f"model.layers.{{i}}.{m}.{w}", f"layers_{{i}}/{m.replace('.', '/')}/{p}", t)
+      for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+      for w, p, t in [("weight", "kernel", True), ("bias", "bias", False)]],
+    ("model.layers.{i}.input_layernorm.weight", "layers_{i}/input_layernorm/scale", False),
+    ("model.layers.{i}.post_attention_layernorm.weight",
+     "layers_{i}/post_attention_layernorm/scale", False),
+    ("model.norm.weight", "norm/scale", False),
+    ("lm_head.weight", "lm_head/kernel", True),
+    ("score.weight", "score/kernel", True),
+)
+KINDS = (("norm", r"norm/"), ("embedding", r"^embed_tokens/"), ("attention", r"/self_attn/"),
+         ("mlp", r"/mlp/"), ("head", r"^(lm_head|score)/"))
+
+
+def family(name: str, architectures: dict, config_from_hf=LlamaConfig.from_hf, module=None,
+           table: tuple = TABLE) -> Family:
+  """The `Family` of a Llama-style decoder (HF module names `model.layers.{i}...`)."""
+  archs = {**architectures, **{a.replace("CausalLM", "SequenceClassification"): t
+                               for a, t in architectures.items()}}
+  return Family(name, archs, config_from_hf, module or Llama, table, "model.",
+                embedding="embed_tokens/embedding", layer=r"(?:^|/)layers_(\d+)/", kinds=KINDS,
+                classifiers={t: a.replace("CausalLM", "SequenceClassification")
+                             for a, t in architectures.items()})
+
+
+FAMILY = family("llama", ARCHITECTURES)

@@ -1,9 +1,9 @@
-"""Parameter-efficient fine-tuning: one spec, one dispatch over LoRA, adapters, prefix, prompt.
+"""Parameter-efficient fine-tuning: a registry of methods behind one interface (`base.Method`).
 
-A method adds parameters to the model (the model reads a hashable `Spec` to build them) and
-narrows the set of trained parameter paths; everything else is frozen. The flow:
+A method adds parameters to the model (the model calls the method's hooks) and narrows the set
+of trained parameter paths; everything else is frozen. The flow:
 
-  spec = peft.build_spec(cfg.peft, base_paths, model_cfg)
+  spec = peft.build_spec(cfg.peft, base_paths, model_cfg, family)   # a Method
   module = module.clone(peft=spec)
   params = peft.init(module, base_params, rng)          # base + fresh PEFT leaves
   trained = peft.trainable_paths(cfg.peft, base_paths, params)
@@ -14,68 +14,38 @@ layers, norms only) and on top of any method (LoRA plus a trained head).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from ftjax import tree
+from ftjax import models, tree
 from ftjax.config import PeftConfig, UserError
-from ftjax.peft import lora, prefix, prompt
+from ftjax.peft import adapter, ia3, lora, prefix, prompt
+from ftjax.peft.base import NONE, Context, Method
+
+# peft.method -> its Method class. A new method: its module, and one line here.
+METHODS: dict[str, type[Method]] = {
+    "none": Method,
+    "lora": lora.Lora,
+    "adapter": adapter.Adapters,
+    "prefix": prefix.PrefixTuning,
+    "prompt": prompt.PromptTuning,
+    "ia3": ia3.IA3,
+}
+# HF PEFT's peft_type -> peft.method, for the methods PEFT can hold.
+PEFT_TYPES = {cls.peft_type: name for name, cls in METHODS.items() if cls.peft_type}
+
+Spec = Method  # the name model code and older callers use for a resolved method
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-  """What a model builds beyond its base weights. Hashable: it is part of the Flax module."""
-
-  method: str = "none"
-  lora_modules: frozenset = frozenset()  # module paths, e.g. 'layers_0/self_attn/q_proj'
-  lora_r: int = 0
-  lora_alpha: float = 0.0
-  lora_scale: float = 0.0
-  lora_dropout: float = 0.0
-  rslora: bool = False
-  dora: bool = False
-  adapter_size: int = 0
-  adapter_positions: tuple = ()
-  adapter_activation: str = "relu"
-  prefix_len: int = 0
-  prefix_hidden: int = 0  # 0: flat prefixes, > 0: through the MLP reparameterisation
-  prompt_len: int = 0
-  prompt_init: str = "vocab"
-
-  def lora_at(self, path: tuple) -> bool:
-    return bool(self.lora_modules) and "/".join(path) in self.lora_modules
-
-  @property
-  def virtual_tokens(self) -> int:
-    """Positions the real tokens are shifted by (prefix or soft-prompt length)."""
-    return self.prefix_len + self.prompt_len
+def build_spec(cfg: PeftConfig, base_paths: list[str], model_cfg, family=None) -> Method:
+  """The resolved method of `cfg` for a model with these parameter paths and this config."""
+  family = family or models.for_model_type(model_cfg.family)
+  return METHODS[cfg.method].from_config(cfg, Context(model_cfg, family, tuple(base_paths)))
 
 
-NONE = Spec()
-
-
-def build_spec(cfg: PeftConfig, base_paths: list[str], model_cfg) -> Spec:
-  """The Spec for `cfg` on a model with these parameter paths and this config."""
-  if cfg.method == "none":
-    return NONE
-  if cfg.method == "lora":
-    return Spec("lora", lora.modules(cfg.lora, base_paths), cfg.lora.r, cfg.lora.alpha,
-                lora.scale(cfg.lora), cfg.lora.dropout, cfg.lora.rslora, cfg.lora.dora)
-  if cfg.method == "adapter":
-    return Spec("adapter", adapter_size=cfg.adapter.size,
-                adapter_positions=tuple(sorted(set(cfg.adapter.positions))),
-                adapter_activation=cfg.adapter.activation)
-  if cfg.method == "prefix":
-    hidden = (cfg.prefix.projection_hidden or model_cfg.hidden_size) if cfg.prefix.projection \
-        else 0
-    return Spec("prefix", prefix_len=cfg.prefix.length, prefix_hidden=hidden)
-  return Spec("prompt", prompt_len=cfg.prompt.length, prompt_init=cfg.prompt.init)
-
-
-def check_context(spec: Spec, seq_len: int, max_positions: Optional[int], where: str) -> None:
+def check_context(spec: Method, seq_len: int, max_positions: Optional[int], where: str) -> None:
   """Virtual tokens plus the longest sequence must fit the model's position range."""
   if max_positions and spec.virtual_tokens + seq_len > max_positions:
     what = f"peft.{spec.method}.length ({spec.virtual_tokens}) + " if spec.virtual_tokens else ""
@@ -83,7 +53,16 @@ def check_context(spec: Spec, seq_len: int, max_positions: Optional[int], where:
                     f"({max_positions} positions)")
 
 
-def init(module, base: dict, rng: jax.Array, text_ids: Optional[list[int]] = None) -> dict:
+def fresh_leaves(module, base_paths) -> dict:
+  """Shapes of the leaves `module.peft` adds to the base parameters (nothing is allocated)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, tokens, tokens))
+  base = set(base_paths)
+  return {p: v for p, v in tree.flatten(tree.unbox(shapes["params"])).items() if p not in base}
+
+
+def init(module, base: dict, rng: jax.Array, text_ids: Optional[list[int]] = None,
+         ctx: Optional[Context] = None) -> dict:
   """The base parameters plus freshly initialised PEFT leaves for `module.peft`."""
   spec = module.peft
   base_flat = tree.flatten(base)
@@ -96,11 +75,9 @@ def init(module, base: dict, rng: jax.Array, text_ids: Optional[list[int]] = Non
     return {p: v for p, v in full.items() if p not in base_flat}
 
   flat = {**base_flat, **fresh(init_rng)}
-  if spec.method == "lora":
-    flat = lora.finish(spec, flat)
-  elif spec.method == "prompt":
-    flat = prompt.finish(spec, flat, finish_rng, text_ids, module.embed_path)
-  return tree.unflatten(flat)
+  if ctx is None:
+    ctx = Context(module.cfg, models.for_module(module), tuple(base_flat))
+  return tree.unflatten(spec.finish(flat, finish_rng, text_ids, ctx))
 
 
 def trainable_paths(cfg: PeftConfig, base_paths: list[str], params: dict) -> set[str]:
@@ -119,30 +96,22 @@ def trainable_paths(cfg: PeftConfig, base_paths: list[str], params: dict) -> set
   return chosen
 
 
-def eject(spec: Spec, params: dict) -> tuple[Spec, dict]:
-  """The inference form: prefix MLPs replaced by the flat prefixes they produce."""
-  if spec.method != "prefix" or not spec.prefix_hidden:
-    return spec, params
-  return dataclasses.replace(spec, prefix_hidden=0), tree.unflatten(
-      prefix.eject(tree.flatten(params)))
+def eject(spec: Method, params: dict) -> tuple[Method, dict]:
+  """The inference form: e.g. prefix MLPs replaced by the flat prefixes they produce."""
+  spec, flat = spec.eject(tree.flatten(params))
+  return spec, tree.unflatten(flat)
 
 
 def merge_refusal(method: str) -> Optional[str]:
   """Why a method cannot be merged into the base weights, or None if it can."""
-  if method == "adapter":
-    return ("bottleneck adapters add layers that cannot be merged into the base weights, and HF "
-            "PEFT has no format for them; keep using the run's checkpoint with ftjax")
-  if method in ("prefix", "prompt"):
-    return (f"{method} tuning adds virtual tokens that cannot be merged into the base weights; "
-            "export it with --to peft")
-  return None
+  return METHODS[method].merge_refusal
 
 
-def merge(spec: Spec, params: dict) -> dict:
+def merge(spec: Method, params: dict) -> dict:
   """Base-model parameters with the method folded in (LoRA / DoRA; nothing to fold for none)."""
-  refusal = merge_refusal(spec.method)
-  if refusal:
-    raise UserError(refusal)
-  if spec.method == "none":
-    return params
-  return tree.unflatten(lora.merge(spec, tree.flatten(params)))
+  return tree.unflatten(spec.merge(tree.flatten(params)))
+
+
+__all__ = ["METHODS", "PEFT_TYPES", "NONE", "Context", "Method", "Spec", "build_spec",
+           "check_context", "eject", "fresh_leaves", "init", "merge", "merge_refusal",
+           "trainable_paths"]

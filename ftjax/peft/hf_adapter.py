@@ -1,11 +1,11 @@
 """HF PEFT adapter directories <-> ftjax PEFT parameters (adapter_config.json + safetensors).
 
-Key names follow PEFT: LoRA tensors under `base_model.model.<module>.lora_{A,B}.weight` (torch
-(out, in) layout), prompt-learning tensors as `prompt_embeddings`, and trained base modules
-(`modules_to_save`) as `<prefix><HF tensor name>`, where the prefix is `base_model.model.` for
-LoRA and `base_model.` for prompt learning (PEFT wraps the model one level less deep there).
-Reading is strict: a config option or a tensor ftjax would not reproduce exactly is an error,
-never silently dropped.
+What is generic to PEFT's format lives here; each method's own tensors and config fields are
+its `to_peft` / `from_peft` (ftjax/peft/<method>.py). Trained base modules (`modules_to_save`)
+go out as `<prefix><HF tensor name>`, where the prefix is the method's `peft_prefix`
+(`base_model.model.` for LoRA and IA3, `base_model.` for prompt learning, which PEFT wraps one
+level less deep). Reading is strict: a config option or a tensor ftjax would not reproduce
+exactly is an error, never silently dropped.
 """
 
 from __future__ import annotations
@@ -17,29 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ftjax import hf, tree
+from ftjax import peft, tree
 from ftjax.config import UserError
-from ftjax.peft import lora, prefix, prompt
+from ftjax.peft.base import Context, Method
 
-PEFT_TYPES = {"LORA": "lora", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
-METHODS = {"lora": lora, "prefix": prefix, "prompt": prompt}
-# LoRA options that change the computation in ways ftjax does not implement (default = fine).
+# Options that change the computation in ways ftjax does not implement (default = fine).
 UNSUPPORTED = ("rank_pattern", "alpha_pattern", "lora_bias", "layer_replication",
                "trainable_token_indices", "target_parameters", "use_qalora", "fan_in_fan_out",
                "megatron_config", "layers_to_transform")
-EMBED = "embed_tokens/embedding"
 
 
-def _prefix(method: str) -> str:
-  return "base_model.model." if method == "lora" else "base_model."
-
-
-def _hf_module(table: list, module_path: str) -> str:
-  """ftjax module path -> HF module name ('layers_0/self_attn/q_proj' -> 'model.layers.0...')."""
-  return hf.path_to_hf(table, f"{module_path}/kernel")[0].rsplit(".", 1)[0]
-
-
-def save(out_dir: str, spec, params: dict, trained_base: set[str], table: list, model_cfg,
+def save(out_dir: str, spec: Method, params: dict, trained_base: set[str], ctx: Context,
          base_model: str, task_type: str = "CAUSAL_LM") -> None:
   """Writes an HF PEFT adapter; trained base modules (and a classification head, for
   `task_type` SEQ_CLS) go out as `modules_to_save`.
@@ -49,35 +37,33 @@ def save(out_dir: str, spec, params: dict, trained_base: set[str], table: list, 
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
-  if spec.method not in METHODS:
-    raise UserError(f"peft.method {spec.method} has no HF PEFT adapter format")
-  flat = tree.flatten(params)
-  if spec.method == "lora":
-    config, tensors = lora.to_peft(spec, flat, lambda m: _hf_module(table, m))
-    config["fan_in_fan_out"] = model_cfg.family == "gpt2"  # Conv1D (in, out) weights
-  else:
-    config, tensors = METHODS[spec.method].to_peft(spec, flat, model_cfg)
+  family, flat = ctx.family, tree.flatten(params)
+  config, tensors = spec.to_peft(flat, ctx)
+  prefix = spec.peft_prefix
   modules = sorted({p.rsplit("/", 1)[0] for p in trained_base})
+  base = set(ctx.base_paths)
   for m in modules:
     partial = sorted(p for p in flat if p.startswith(m + "/") and p not in trained_base
-                     and p.rsplit("/", 1)[-1] not in lora.LEAVES)
+                     and (p in base or family.is_classifier(p)))
     if partial:
       raise UserError(f"PEFT's modules_to_save holds whole modules, but only part of '{m}' was "
                       f"trained ({partial[0]} was frozen); export with --to hf instead")
-    if m in spec.lora_modules:
-      raise UserError(f"'{m}' has both LoRA and fully trained weights, which PEFT cannot hold "
-                      "(modules_to_save cannot wrap a LoRA layer); export with --to hf instead")
-  if EMBED in trained_base and model_cfg.tie_word_embeddings:
+    if spec.wraps(m):
+      raise UserError(f"'{m}' has both {spec.method} and fully trained weights, which PEFT "
+                      "cannot hold (modules_to_save cannot wrap an adapted layer); export with "
+                      "--to hf instead")
+  if family.embedding in trained_base and ctx.model_cfg.tie_word_embeddings:
     if spec.method != "lora":
       raise UserError("the trained embeddings are tied to the output head, which a PEFT "
                       f"{spec.method} adapter cannot express; export with --to hf instead")
     config["ensure_weight_tying"] = True  # PEFT then wraps lm_head too, tied to embed_tokens
-    tensors[_prefix(spec.method) + "lm_head.weight"] = np.asarray(flat[EMBED], np.float32)
+    head_name = family.to_hf(family.output_head)[0]
+    tensors[prefix + head_name] = np.asarray(flat[family.embedding], np.float32)
   for p in sorted(trained_base):
-    name, transpose = hf.path_to_hf(table, p)
+    name, transpose = family.to_hf(p)
     array = np.asarray(flat[p], np.float32)
-    tensors[_prefix(spec.method) + name] = array.T if transpose else array
-  names = sorted({hf.path_to_hf(table, p)[0].rsplit(".", 1)[0] for p in trained_base})
+    tensors[prefix + name] = array.T if transpose else array
+  names = sorted({family.to_hf(p)[0].rsplit(".", 1)[0] for p in trained_base})
   config.update({"task_type": task_type, "base_model_name_or_path": base_model,
                  "inference_mode": True, "modules_to_save": names or None})
   os.makedirs(out_dir, exist_ok=True)
@@ -87,14 +73,11 @@ def save(out_dir: str, spec, params: dict, trained_base: set[str], table: list, 
             os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def _read(adapter_dir: str) -> tuple[dict, dict, str]:
+def read_config(adapter_dir: str, what: str = "peft.init_from") -> tuple[dict, str]:
+  """(adapter_config.json contents, its path), or a UserError naming the directory."""
   config_file = os.path.join(adapter_dir, "adapter_config.json")
-  weights = os.path.join(adapter_dir, "adapter_model.safetensors")
   if not os.path.isfile(config_file):
-    raise UserError(f"peft.init_from: {adapter_dir} is not a PEFT adapter (no adapter_config.json)")
-  if not os.path.isfile(weights):
-    raise UserError(f"peft.init_from: {adapter_dir} has no adapter_model.safetensors "
-                    "(pickled adapter_model.bin is never loaded)")
+    raise UserError(f"{what}: {adapter_dir} is not a PEFT adapter (no adapter_config.json)")
   try:
     with open(config_file) as f:
       adapter = json.load(f)
@@ -102,6 +85,24 @@ def _read(adapter_dir: str) -> tuple[dict, dict, str]:
     raise UserError(f"{config_file}: not valid JSON ({e})") from None
   if not isinstance(adapter, dict):
     raise UserError(f"{config_file}: expected a JSON object")
+  return adapter, config_file
+
+
+def method_of(adapter: dict, config_file: str) -> str:
+  """The peft.method of an adapter config, or a UserError for a type ftjax cannot load."""
+  kind = adapter.get("peft_type")
+  if kind not in peft.PEFT_TYPES:
+    raise UserError(f"{config_file}: peft_type {kind!r} is not supported "
+                    f"(supported: {', '.join(peft.PEFT_TYPES)})")
+  return peft.PEFT_TYPES[kind]
+
+
+def _read(adapter_dir: str) -> tuple[dict, dict, str]:
+  adapter, config_file = read_config(adapter_dir)
+  weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+  if not os.path.isfile(weights):
+    raise UserError(f"peft.init_from: {adapter_dir} has no adapter_model.safetensors "
+                    "(pickled adapter_model.bin is never loaded)")
   try:
     with safe_open(weights, framework="flax") as f:  # reads bf16 too
       tensors = {k: np.asarray(jnp.asarray(f.get_tensor(k), jnp.float32)) for k in f.keys()}
@@ -110,7 +111,7 @@ def _read(adapter_dir: str) -> tuple[dict, dict, str]:
   return adapter, tensors, config_file
 
 
-def load(adapter_dir: str, table: list, model_cfg) -> tuple[str, dict, dict, set[str]]:
+def load(adapter_dir: str, ctx: Context) -> tuple[str, dict, dict, set[str]]:
   """Reads an HF PEFT adapter directory.
 
   Returns:
@@ -121,48 +122,37 @@ def load(adapter_dir: str, table: list, model_cfg) -> tuple[str, dict, dict, set
   """
   adapter, tensors, config_file = _read(adapter_dir)
   weights = os.path.join(adapter_dir, "adapter_model.safetensors")
-  kind = adapter.get("peft_type")
-  if kind not in PEFT_TYPES:
-    raise UserError(f"{config_file}: peft_type {kind!r} is not supported "
-                    f"(supported: {', '.join(PEFT_TYPES)})")
-  method = PEFT_TYPES[kind]
+  method = method_of(adapter, config_file)
+  cls, family = peft.METHODS[method], ctx.family
   for key in UNSUPPORTED:
-    if key == "fan_in_fan_out" and model_cfg.family == "gpt2":
+    if key == "fan_in_fan_out" and family.conv1d:
       continue  # GPT-2's Conv1D weights are (in, out): PEFT sets it for them
     if adapter.get(key) not in (None, False, {}, []):
       raise UserError(f"{config_file}: {key}={adapter[key]!r} is not supported")
   if adapter.get("bias", "none") != "none":
     raise UserError(f"{config_file}: bias={adapter['bias']!r} is not supported (only 'none')")
   base, own = {}, {}
-  start = _prefix(method)
+  start = cls.peft_prefix
   for key, value in tensors.items():
-    mapped = hf.hf_to_path(table, key[len(start):]) if key.startswith(start) else None
+    mapped = family.from_hf(key[len(start):]) if key.startswith(start) else None
     if mapped:  # a modules_to_save copy of a base tensor
       path, transpose = mapped
       base[path] = value.T if transpose else value
     else:
       own[key] = value
-  if model_cfg.tie_word_embeddings:
-    head = base.get("lm_head/kernel")
-    if head is not None and adapter.get("ensure_weight_tying") and EMBED in base and \
-        np.array_equal(head.T, base[EMBED]):
-      del base["lm_head/kernel"]  # the tied copy PEFT saves beside the embeddings
-    if "lm_head/kernel" in base:
+  if ctx.model_cfg.tie_word_embeddings:
+    embed, head_path = family.embedding, family.output_head
+    head = base.get(head_path)
+    if head is not None and adapter.get("ensure_weight_tying") and embed in base and \
+        np.array_equal(head.T, base[embed]):
+      del base[head_path]  # the tied copy PEFT saves beside the embeddings
+    if head_path in base:
       raise UserError(f"{weights}: the adapter trains lm_head, but this model ties it to "
                       "embed_tokens")
-    if EMBED in base and not adapter.get("ensure_weight_tying"):
+    if embed in base and not adapter.get("ensure_weight_tying"):
       raise UserError(f"{weights}: the adapter trains embed_tokens without "
                       "ensure_weight_tying on a model with tied embeddings")
-  if method == "lora":
-    def to_module(name: str) -> str:
-      mapped = hf.hf_to_path(table, name[len(start):] + ".weight")
-      if mapped is None:
-        raise UserError(f"{weights}: LoRA tensor for unknown module '{name}'")
-      return mapped[0].rsplit("/", 1)[0]
-    fields, leaves, used = lora.from_peft(adapter, own, to_module, weights)
-  else:
-    fields, leaves = METHODS[method].from_peft(adapter, own, model_cfg, weights)
-    used = {"prompt_embeddings"}
+  fields, leaves, used = cls.from_peft(adapter, own, ctx, weights)
   unused = sorted(set(own) - used)
   if unused:
     raise UserError(f"{weights}: tensor '{unused[0]}' is not part of what ftjax can load "

@@ -12,32 +12,77 @@ lora_magnitude}`. The rank axis has no logical name, so it stays replicated on a
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable
+from typing import Callable, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import tree
-from ftjax.config import LoraConfig, UserError
+from ftjax.config import LoraConfig, PeftConfig, UserError
+from ftjax.models import layers
+from ftjax.peft.base import Context, Method
 
 LEAVES = ("lora_a", "lora_b", "lora_magnitude")
 
 
-def modules(cfg: LoraConfig, paths: list[str]) -> frozenset[str]:
-  """The dense modules LoRA wraps: those whose kernel path a target pattern finds.
+@dataclasses.dataclass(frozen=True)
+class Lora(Method):
+  """LoRA (or DoRA) on the dense layers `modules` (module paths, e.g. 'layers_0/mlp/up_proj')."""
 
-  `all-linear` means every dense layer except the output and classification heads (as in HF
-  PEFT).
-  """
-  kernels = [p for p in paths if p.endswith("/kernel")]
-  patterns = [t for t in cfg.targets if t != "all-linear"]
-  found = tree.match(patterns, kernels, "peft.lora.targets")
-  if "all-linear" in cfg.targets:
-    found |= {p for p in kernels if p.split("/", 1)[0] not in ("lm_head", "score", "classifier")}
-  return frozenset(p.rsplit("/", 1)[0] for p in found)
+  modules: frozenset = frozenset()
+  r: int = 8
+  alpha: float = 16.0
+  scale: float = 2.0
+  dropout: float = 0.0
+  rslora: bool = False
+  dora: bool = False
+
+  method: ClassVar[str] = "lora"
+  peft_type: ClassVar[str] = "LORA"
+
+  @classmethod
+  def from_config(cls, cfg: PeftConfig, ctx: Context) -> "Lora":
+    c = cfg.lora
+    return cls(ctx.dense_modules(c.targets, "peft.lora.targets"), c.r, c.alpha, scale(c),
+               c.dropout, c.rslora, c.dora)
+
+  def settings(self) -> dict:
+    return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "rslora": self.rslora,
+            "dora": self.dora}
+
+  def wraps(self, module_path: str) -> bool:
+    return module_path in self.modules
+
+  def dense(self, module, x_NxI, kernel_IxO, bias):
+    if "/".join(module.path) not in self.modules:
+      return layers.linear(module, x_NxI, kernel_IxO, bias())
+    y = jnp.dot(x_NxI.astype(module.dtype), kernel_IxO.astype(module.dtype))
+    y = apply(module, x_NxI.astype(module.dtype), kernel_IxO, y, self)
+    b = bias()
+    return y if b is None else y + b.astype(module.dtype)
+
+  def finish(self, flat, rng, text_ids, ctx):
+    return finish(self, flat)
+
+  def merge(self, flat: dict) -> dict:
+    return merge(self, flat)
+
+  def to_peft(self, flat: dict, ctx: Context) -> tuple[dict, dict]:
+    config, tensors = to_peft(self, flat, ctx.hf_module)
+    config["fan_in_fan_out"] = ctx.family.conv1d  # GPT-2's Conv1D holds (in, out) weights
+    return config, tensors
+
+  @classmethod
+  def from_peft(cls, adapter, tensors, ctx, where):
+    def to_module(name: str) -> str:
+      path = ctx.module_path(name[len(cls.peft_prefix):])
+      if path is None:
+        raise UserError(f"{where}: LoRA tensor for unknown module '{name}'")
+      return path
+    return from_peft(adapter, tensors, to_module, where)
 
 
 def scale(cfg: LoraConfig) -> float:
@@ -59,22 +104,22 @@ def apply(dense: nn.Module, x_NxI: jax.Array, kernel_IxO: jax.Array, y_NxO: jax.
   """
   in_f, out_f = kernel_IxO.shape
   a = dense.param("lora_a", nn.with_logical_partitioning(_uniform_fan_in, (dense.axes[0], None)),
-                  (in_f, spec.lora_r), dense.param_dtype)
+                  (in_f, spec.r), dense.param_dtype)
   b = dense.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
                                                          (None, dense.axes[1])),
-                  (spec.lora_r, out_f), dense.param_dtype)
+                  (spec.r, out_f), dense.param_dtype)
   x = x_NxI
-  if spec.lora_dropout and dense.has_rng("dropout"):
-    keep = 1.0 - spec.lora_dropout
+  if spec.dropout and dense.has_rng("dropout"):
+    keep = 1.0 - spec.dropout
     kept = jax.random.bernoulli(dense.make_rng("dropout"), keep, x.shape)
     x = jnp.where(kept, x / keep, 0).astype(x.dtype)
-  delta = jnp.dot(jnp.dot(x, a.astype(dense.dtype)), b.astype(dense.dtype)) * spec.lora_scale
+  delta = jnp.dot(jnp.dot(x, a.astype(dense.dtype)), b.astype(dense.dtype)) * spec.scale
   if not spec.dora:
     return y_NxO + delta
   magnitude = dense.param("lora_magnitude",
                           nn.with_logical_partitioning(nn.initializers.ones, dense.axes[1:]),
                           (out_f,), dense.param_dtype)
-  norm = jax.lax.stop_gradient(_column_norm(kernel_IxO, a, b, spec.lora_scale))
+  norm = jax.lax.stop_gradient(_column_norm(kernel_IxO, a, b, spec.scale))
   ratio = (magnitude / norm).astype(dense.dtype)
   if x is x_NxI:
     return (y_NxO + delta) * ratio
@@ -90,21 +135,21 @@ def _column_norm(kernel, a, b, s):
 def finish(spec, flat: dict) -> dict:
   """DoRA's magnitude starts at ‖W‖ per output feature, read from the loaded base kernel."""
   out = dict(flat)
-  for m in spec.lora_modules:
+  for m in spec.modules:
     if spec.dora:
       out[f"{m}/lora_magnitude"] = _column_norm(flat[f"{m}/kernel"], flat[f"{m}/lora_a"],
-                                                flat[f"{m}/lora_b"], spec.lora_scale)
+                                                flat[f"{m}/lora_b"], spec.scale)
   return out
 
 
 def merge(spec, flat: dict) -> dict:
   """W + s·A·B (rescaled per column by DoRA's magnitude) in place of each adapted kernel."""
   out = {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] not in LEAVES}
-  for m in spec.lora_modules:
+  for m in spec.modules:
     w, a, b = (jnp.asarray(flat[f"{m}/{n}"], jnp.float32) for n in ("kernel", "lora_a", "lora_b"))
-    merged = w + spec.lora_scale * a @ b
+    merged = w + spec.scale * a @ b
     if spec.dora:
-      merged = merged * (flat[f"{m}/lora_magnitude"] / _column_norm(w, a, b, spec.lora_scale))
+      merged = merged * (flat[f"{m}/lora_magnitude"] / _column_norm(w, a, b, spec.scale))
     out[f"{m}/kernel"] = merged  # fp32, even over a bf16 base: the delta is not rounded away
   return out
 
@@ -119,25 +164,25 @@ def unmerge(spec, merged: dict, adapters: dict) -> dict:
     raise UserError("a DoRA merge cannot be undone from the merged weights; keep the unmerged "
                     "parameters")
   out = dict(merged)
-  for m in spec.lora_modules:
+  for m in spec.modules:
     w = jnp.asarray(merged[f"{m}/kernel"], jnp.float32)
     a, b = (jnp.asarray(adapters[f"{m}/{n}"], jnp.float32) for n in ("lora_a", "lora_b"))
-    out[f"{m}/kernel"] = (w - spec.lora_scale * a @ b).astype(merged[f"{m}/kernel"].dtype)
+    out[f"{m}/kernel"] = (w - spec.scale * a @ b).astype(merged[f"{m}/kernel"].dtype)
   return out
 
 
 def to_peft(spec, flat: dict, hf_module: Callable[[str], str]) -> tuple[dict, dict]:
   """(adapter_config fields, tensors) in HF PEFT's layout: A (r, in), B (out, r)."""
   tensors = {}
-  for m in sorted(spec.lora_modules):
+  for m in sorted(spec.modules):
     name = f"base_model.model.{hf_module(m)}"
     tensors[f"{name}.lora_A.weight"] = np.asarray(flat[f"{m}/lora_a"]).T
     tensors[f"{name}.lora_B.weight"] = np.asarray(flat[f"{m}/lora_b"]).T
     if spec.dora:
       tensors[f"{name}.lora_magnitude_vector"] = np.asarray(flat[f"{m}/lora_magnitude"])
-  names = sorted(hf_module(m) for m in spec.lora_modules)
-  config = {"peft_type": "LORA", "r": spec.lora_r, "lora_alpha": spec.lora_alpha,
-            "lora_dropout": spec.lora_dropout, "use_rslora": spec.rslora, "use_dora": spec.dora,
+  names = sorted(hf_module(m) for m in spec.modules)
+  config = {"peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha,
+            "lora_dropout": spec.dropout, "use_rslora": spec.rslora, "use_dora": spec.dora,
             # exact module names, so that PEFT wraps the very layers ftjax trained
             "target_modules": "^(" + "|".join(n.replace(".", r"\.") for n in names) + ")$",
             "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True}

@@ -10,14 +10,16 @@ positions start at m, as in HF when the prefix arrives as a cache.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.config import UserError
+from ftjax.config import PeftConfig, UserError
+from ftjax.peft.base import Context, Method
 
 MLP_LEAVES = ("prefix/embedding", "prefix/mlp_in/kernel", "prefix/mlp_in/bias",
               "prefix/mlp_out/kernel", "prefix/mlp_out/bias")
@@ -57,6 +59,46 @@ def eject(flat: dict) -> dict:
   out = {p: v for p, v in flat.items() if p not in MLP_LEAVES}
   out["prefix/kv"] = jnp.tanh(e @ w1 + b1) @ w2 + b2
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixTuning(Method):
+  """`prefix_len` key/value prefixes per layer; `hidden` > 0 trains them through the MLP."""
+
+  prefix_len: int = 16
+  hidden: int = 0
+
+  method: ClassVar[str] = "prefix"
+  peft_type: ClassVar[str] = "PREFIX_TUNING"
+  peft_prefix: ClassVar[str] = "base_model."
+  merge_refusal: ClassVar[str] = ("prefix tuning adds virtual tokens that cannot be merged into "
+                                  "the base weights; export it with --to peft")
+
+  @classmethod
+  def from_config(cls, cfg: PeftConfig, ctx: Context) -> "PrefixTuning":
+    hidden = (cfg.prefix.projection_hidden or ctx.model_cfg.hidden_size) \
+        if cfg.prefix.projection else 0
+    return cls(cfg.prefix.length, hidden)
+
+  def settings(self) -> dict:
+    return {"length": self.prefix_len, "projection": bool(self.hidden)}
+
+  def prefix(self, module, cfg, dtype):
+    return Prefix(self.prefix_len, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.hidden,
+                  dtype, name="prefix")()
+
+  def eject(self, flat: dict) -> tuple["PrefixTuning", dict]:
+    if not self.hidden:
+      return self, flat
+    return dataclasses.replace(self, hidden=0), eject(flat)
+
+  def to_peft(self, flat: dict, ctx: Context) -> tuple[dict, dict]:
+    return to_peft(self, flat, ctx.model_cfg)
+
+  @classmethod
+  def from_peft(cls, adapter, tensors, ctx, where):
+    fields, leaves = from_peft(adapter, tensors, ctx.model_cfg, where)
+    return fields, leaves, {"prompt_embeddings"}
 
 
 def to_peft(spec, flat: dict, model_cfg) -> tuple[dict, dict]:

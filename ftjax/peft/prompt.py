@@ -9,14 +9,16 @@ table's standard deviation (`random`). Parameter: `prompt/embedding` (m, hidden)
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import ClassVar, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.config import UserError
+from ftjax.config import PeftConfig, UserError
+from ftjax.peft.base import Context, Method
 
 
 class Prompt(nn.Module):
@@ -29,15 +31,50 @@ class Prompt(nn.Module):
         nn.initializers.normal(0.02), (None, "embed")), (self.length, self.features))
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptTuning(Method):
+  """`prompt_len` soft tokens, initialised by `init` (vocab | random | text)."""
+
+  prompt_len: int = 16
+  init: str = "vocab"
+
+  method: ClassVar[str] = "prompt"
+  peft_type: ClassVar[str] = "PROMPT_TUNING"
+  peft_prefix: ClassVar[str] = "base_model."
+  merge_refusal: ClassVar[str] = ("prompt tuning adds virtual tokens that cannot be merged into "
+                                  "the base weights; export it with --to peft")
+
+  @classmethod
+  def from_config(cls, cfg: PeftConfig, ctx: Context) -> "PromptTuning":
+    return cls(cfg.prompt.length, cfg.prompt.init)
+
+  def settings(self) -> dict:
+    return {"length": self.prompt_len}
+
+  def prompt(self, module, features):
+    return Prompt(self.prompt_len, features, name="prompt")()
+
+  def finish(self, flat, rng, text_ids, ctx):
+    return finish(self, flat, rng, text_ids, ctx.family.embedding)
+
+  def to_peft(self, flat: dict, ctx: Context) -> tuple[dict, dict]:
+    return to_peft(self, flat, ctx.model_cfg)
+
+  @classmethod
+  def from_peft(cls, adapter, tensors, ctx, where):
+    fields, leaves = from_peft(adapter, tensors, ctx.model_cfg, where)
+    return fields, leaves, {"prompt_embeddings"}
+
+
 def finish(spec, flat: dict, rng: jax.Array, text_ids: Optional[list[int]],
-           embed_path: str = "embed_tokens/embedding") -> dict:
+           embed_path: str) -> dict:
   """Initialises the soft tokens from the loaded token-embedding table at `embed_path`."""
   table = flat[embed_path]
   m = spec.prompt_len
-  if spec.prompt_init == "text":
+  if spec.init == "text":
     ids = np.resize(np.asarray(text_ids, np.int32), m)  # repeated, then cut to m
     soft = jnp.take(table, ids, axis=0)
-  elif spec.prompt_init == "vocab":
+  elif spec.init == "vocab":
     soft = jnp.take(table, jax.random.randint(rng, (m,), 0, table.shape[0]), axis=0)
   else:
     soft = jax.random.normal(rng, (m, table.shape[1])) * jnp.std(table.astype(jnp.float32))

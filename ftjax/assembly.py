@@ -1,0 +1,223 @@
+"""A model ready to train: base weights, a PEFT method, and the partition into trained/frozen.
+
+`load_model` is the one way a model is put together, for the CLIs and for library users alike:
+
+    model = load_model("models/smollm2", peft=PeftConfig(method="lora"),
+                       trainable=lambda path: "lora_" in path or path.startswith("norm/"))
+    params, frozen = model.split()
+
+Nothing is written back into a config: what `peft.init_from` resolved (the adapter's rank,
+targets, length...) comes back as `Model.peft_config`. The partition is decided before any
+weight is read, so frozen base weights under `base_dtype="bf16"` are converted as they are read
+and no fp32 copy of them ever exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ftjax import hf, peft, sharding, tree
+from ftjax.config import Config, PeftConfig, UserError
+from ftjax.models import Family, common
+from ftjax.peft import hf_adapter
+from ftjax.peft.base import Context, Method
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+def compute_dtype(name: str):
+  """`precision.compute` as a dtype: auto is fp32 on CPUs (no bf16 speed there), else bf16."""
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return DTYPES[name]
+
+
+@dataclasses.dataclass
+class Model:
+  """A model to train: its module (with the PEFT method), all parameters, and what trains.
+
+  Attributes:
+    module: the Flax module; `module.peft` is the resolved PEFT method.
+    params: every parameter (base and PEFT), a nested dict.
+    trainable: the paths of the parameters that train.
+    base_paths: the base model's paths (a classification head is not base: it always trains).
+    config: the family's model config; `hf_config` the parsed config.json.
+    family: the model family (HF tables, parameter paths).
+    path: the HF model directory.
+    peft_config: the `peft` section as resolved (with `peft.init_from`'s own settings).
+    fresh: parameters the checkpoint lacked (a new classification head).
+    layout: {path: NamedSharding} when built on a mesh.
+  """
+
+  module: Any
+  params: dict
+  trainable: set
+  base_paths: list
+  config: Any
+  hf_config: dict
+  family: Family
+  path: str
+  peft_config: PeftConfig
+  fresh: list = dataclasses.field(default_factory=list)
+  layout: Optional[dict] = None
+
+  @property
+  def spec(self) -> Method:
+    return self.module.peft
+
+  @property
+  def context(self) -> Context:
+    """What PEFT methods and adapter formats know about this model."""
+    return Context(self.config, self.family, tuple(self.base_paths))
+
+  def split(self) -> tuple[dict, dict]:
+    """(trainable, frozen) parameter subtrees."""
+    return tree.split(self.params, self.trainable)
+
+  def apply(self, params: dict, batch: dict, rng: Optional[jax.Array] = None) -> jax.Array:
+    """The logits of a batch (`tokens`, `positions`, `segment_ids`); dropout when `rng` is
+    given."""
+    rngs = {"dropout": rng} if rng is not None else None
+    logits, _ = self.module.apply({"params": params}, batch["tokens"], batch["positions"],
+                                  batch["segment_ids"], rngs=rngs)
+    return logits
+
+
+def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
+               trainable: Any = None, compute: str = "fp32", num_labels: int = 0,
+               seed: int = 0, mesh: Optional[jax.sharding.Mesh] = None, remat: str = "none",
+               attention: str = "xla", tokenizer: Any = None, seq_len: int = 0,
+               init_from: Optional[str] = None) -> Model:
+  """Loads an HF model directory and adds a PEFT method.
+
+  Args:
+    model_dir: a local HF model directory (config.json, *.safetensors).
+    peft_config: the method and its settings (`PeftConfig`; default: none, full fine-tuning).
+      `base_dtype="bf16"` stores the frozen base weights in bf16.
+    trainable: which parameters train, deciding over every path: a function path -> bool, a
+      regex, a list of regexes, or ordered (regex, bool) rules (see `tree.select`). Default:
+      the method's own parameters plus `peft_config.trainable`, minus `peft_config.frozen`.
+    compute: the compute dtype (auto | fp32 | bf16 | fp16).
+    num_labels: > 0 for a sequence classifier with this many labels (a fresh head if the
+      checkpoint has none).
+    seed: the PEFT initialisation's seed.
+    mesh: build every parameter in its shards on this mesh.
+    remat, attention: the module's rematerialisation and attention implementation.
+    tokenizer: needed for prompt tuning's `init: text`.
+    seq_len: the longest sequence, checked against the context (0: not checked).
+    init_from: an HF PEFT adapter directory whose weights (and settings) start the method;
+      default `peft_config.init_from`.
+
+  Raises:
+    UserError: for a directory that is not a model, a rule that selects nothing, an adapter
+      that does not fit.
+  """
+  cfg = dataclasses.replace(peft_config or PeftConfig())
+  init_from = cfg.init_from if init_from is None else init_from
+  dtype = compute_dtype(compute)
+  base, model_cfg, hf_cfg, family = hf.build(model_dir, dtype, num_labels)
+  # A classification head is never part of the frozen base: it always trains.
+  base_paths = [p for p in tree.flatten(hf.abstract_params(base)) if not family.is_classifier(p)]
+  ctx = Context(model_cfg, family, tuple(base_paths))
+  from_adapter: dict = {}
+  if init_from:
+    method, fields, from_adapter, trained = hf_adapter.load(init_from, ctx)
+    if method != cfg.method:
+      raise UserError(f"peft.init_from: {init_from} holds a {method} adapter, but "
+                      f"peft.method is {cfg.method}")
+    cfg = dataclasses.replace(cfg, **{method: dataclasses.replace(getattr(cfg, method),
+                                                                  **fields)})
+    logger.info(f"peft.init_from {init_from}: the adapter's own settings replace "
+                f"peft.{method}: " + ", ".join(f"{k}={v}" for k, v in fields.items()
+                                               if k != "targets")
+                + (f", {len(trained)} trained base tensor(s)" if trained else ""))
+    cfg.trainable = sorted(set(cfg.trainable) | {f"^{re.escape(p)}$" for p in trained})
+  spec = peft.build_spec(cfg, base_paths, model_cfg, family)
+  peft.check_context(spec, seq_len, getattr(model_cfg, "max_positions", None)
+                     or hf_cfg.get("max_position_embeddings"), model_dir)
+  module = base.clone(peft=spec, remat=remat,
+                      attention=common.attention_impl(attention, dtype, packing=False))
+  # The partition first, from shapes alone: the weights are then read in their final dtype.
+  shapes = tree.flatten(hf.abstract_params(module))
+  chosen = _trainable(cfg, trainable, base_paths, shapes)
+  dtypes = {p: jnp.bfloat16 for p in base_paths if p not in chosen} \
+      if cfg.base_dtype == "bf16" else None
+  layout = sharding.param_shardings(module, mesh) if mesh is not None else None
+  loaded = hf.load(model_dir, dtype, shardings=layout, num_labels=num_labels, dtypes=dtypes)
+  fresh = loaded.fresh
+  if fresh:  # e.g. BERT's pooler: initialised here, so not frozen base weights
+    base_paths = [p for p in base_paths if p not in fresh]
+    chosen = _trainable(cfg, trainable, base_paths, shapes)
+  text_ids = None
+  if spec.method == "prompt" and spec.init == "text":
+    if tokenizer is None:
+      raise UserError("peft.prompt.init: text needs the model's tokenizer")
+    text_ids = tokenizer(cfg.prompt.init_text)["input_ids"]  # as PEFT does (BOS included)
+    if not text_ids:
+      raise UserError("peft.prompt.init_text tokenizes to nothing")
+  params = peft.init(module, loaded.params, jax.random.PRNGKey(seed), text_ids,
+                     Context(model_cfg, family, tuple(base_paths)))
+  del loaded  # the only reference to the base tree is now `params`
+  flat = tree.flatten(params)
+  for path, value in from_adapter.items():
+    if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
+      got = tuple(flat[path].shape) if path in flat else "no such parameter"
+      raise UserError(f"peft.init_from: tensor for '{path}' has shape {tuple(value.shape)}, "
+                      f"this model has {got}")
+    flat[path] = jnp.asarray(value, flat[path].dtype)
+  if layout is not None:  # PEFT leaves join their layers' shards (base leaves are there)
+    flat = {p: jax.device_put(v, layout[p]) for p, v in flat.items()}
+  return Model(module, tree.unflatten(flat), chosen, base_paths, model_cfg, hf_cfg, family,
+               model_dir, cfg, fresh, layout)
+
+
+def _trainable(cfg: PeftConfig, rule: Any, base_paths: list[str], shapes: dict) -> set[str]:
+  if rule is None:
+    return peft.trainable_paths(cfg, base_paths, tree.unflatten(shapes))
+  chosen = tree.select(rule, shapes, "trainable")
+  if not chosen:
+    raise UserError("trainable: the rule chooses no parameter")
+  return chosen
+
+
+def from_config(cfg: Config, tokenizer: Any = None, mesh: Optional[jax.sharding.Mesh] = None,
+                skip_init_from: bool = False) -> Model:
+  """`load_model` with a run config's settings (model, peft, precision, data, train)."""
+  num_labels = len(cfg.data.labels) if cfg.data.format == "classification" else 0
+  dtype = compute_dtype(cfg.precision.compute)
+  return load_model(
+      cfg.model.path, cfg.peft, compute=cfg.precision.compute, num_labels=num_labels,
+      seed=cfg.train.seed, mesh=mesh, remat=cfg.train.remat,
+      attention=common.attention_impl(cfg.model.attention, dtype, cfg.data.packing),
+      tokenizer=tokenizer, seq_len=cfg.data.seq_len,
+      init_from="" if skip_init_from else None)
+
+
+def save_adapter(model: Model, params: dict, out_dir: str, task_type: str = "CAUSAL_LM") -> str:
+  """Writes `params` (all of them, or the trained part merged over the model's) as an HF PEFT
+  adapter of the model's method; trained base modules go out as `modules_to_save`."""
+  full = tree.merge(model.params, params) if params is not model.params else params
+  spec, full = peft.eject(model.spec, full)
+  head = {p for p in model.trainable if model.family.is_classifier(p)}
+  trained_base = (model.trainable & set(model.base_paths)) | head
+  hf_adapter.save(out_dir, spec, full, trained_base, model.context, model.path, task_type)
+  return out_dir
+
+
+def save_merged(model: Model, params: dict, out_dir: str, dtype: str = "auto",
+                config_updates: Optional[dict] = None) -> str:
+  """Writes `params` merged into the base weights as an HF model directory `transformers`
+  loads (LoRA folded in; methods that cannot merge are refused with the reason)."""
+  full = tree.merge(model.params, params) if params is not model.params else params
+  hf.save_model(out_dir, peft.merge(model.spec, full), model.path, model.family, dtype,
+                config_updates)
+  return out_dir
+

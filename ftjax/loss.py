@@ -1,0 +1,231 @@
+"""The losses a train step can be given, and the contract they follow.
+
+A loss function is `loss_fn(params, batch, rng, context) -> (summed loss, aux)`:
+
+- `params` is the whole parameter tree (trainable and frozen merged; only the trainable part is
+  differentiated), `batch` one micro-batch, `rng` the dropout key (None outside training) and
+  `context` whatever the step was given beside the batch (a teacher's parameters, or None);
+- the loss is a *sum* over the micro-batch's trained tokens (or rows), and `aux["tokens"]` their
+  count: the step adds both up over micro-batches and divides by the total, so k micro-batches of
+  b rows equal one batch of k*b rows. Other `aux` entries are sums reported per token (`kl`).
+
+A regulariser R(params) that should weigh `lam` in the per-token loss is added as
+`lam * R(params) * aux["tokens"]` (see `regularized`). Everything here is a pure function of
+its inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ftjax import tree
+
+def token_losses(logits_BxLxV: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """Per-position next-token loss (fp32), target weights, and weighted correct predictions.
+
+  Position t predicts token t+1 when t+1 is a target of the same segment, so a packed example's
+  first token is never trained on its neighbour's last.
+  """
+  targets = batch["tokens"][:, 1:]
+  weights = (batch["loss_mask"][:, 1:] *
+             (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1])).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits_BxLxV[:, :-1], axis=-1) == targets).astype(jnp.float32)
+  return nll * weights, weights, correct * weights
+
+
+def class_losses(logits_BxC: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-row cross-entropy against `labels` (B, 1), row weights (0 for empty rows), and
+  weighted correct predictions: the classification counterpart of `token_losses`."""
+  labels = batch["labels"][:, 0]
+  weights = (labels >= 0).astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits_BxC.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+  correct = (jnp.argmax(logits_BxC, axis=-1) == labels).astype(jnp.float32)
+  return nll * weights, weights, correct * weights
+
+
+def losses(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`class_losses` for a classifier's (B, C) logits, else `token_losses`."""
+  return class_losses(logits, batch) if logits.ndim == 2 else token_losses(logits, batch)
+
+
+ApplyFn = Callable[..., jax.Array]  # (params, batch, dropout rng or None) -> logits
+LossFn = Callable[[dict, dict, Optional[jax.Array], Any], tuple[jax.Array, dict]]
+
+
+def logits_fn(module) -> ApplyFn:
+  """The `ApplyFn` of a model module: its logits for a batch, with dropout only when a rng is
+  given (training)."""
+  def apply(params, batch, rng=None):
+    rngs = {"dropout": rng} if rng is not None else None
+    logits, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
+                             batch["segment_ids"], rngs=rngs)
+    return logits
+  return apply
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedLoss:
+  """The causal-LM loss computed `chunk` tokens at a time, never holding the whole batch's
+  logits: each chunk's logits are recomputed in the backward pass."""
+
+  hidden_fn: Callable  # (params, batch, dropout rng or None) -> (hidden BxLxD, kernel DxV)
+  chunk: int
+  dtype: Any = jnp.float32  # the compute dtype of the head matmul
+  kernel_grad: bool = True  # False when the output head is frozen (its gradient is skipped)
+
+
+def chunked_loss(module, dtype: Any, trainable: set, chunk: int = 0) -> Optional[ChunkedLoss]:
+  """The chunked causal-LM loss for `module`, or None where the model does not allow it (a
+  classifier, an output head a PEFT method wraps). `chunk` 0: about 64 MB of fp32 logits per
+  chunk on CPUs, 512 MB on accelerators (measured: smaller chunks leave an H100 idle between
+  matmuls)."""
+  if module.num_labels or not hasattr(module, "output_head"):
+    return None
+  path, transposed = module.output_head
+  if module.peft.wraps(path.rsplit("/", 1)[0]):
+    return None
+  budget = 2**26 if jax.default_backend() == "cpu" else 2**29
+  chunk = chunk or max(64, budget // (4 * module.cfg.vocab_size) // 8 * 8)
+
+  def hidden_fn(params, batch, rng=None):
+    rngs = {"dropout": rng} if rng is not None else None
+    h, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
+                        batch["segment_ids"], rngs=rngs, return_hidden=True)
+    kernel = tree.flatten(params)[path]
+    return h, kernel.T if transposed else kernel
+  return ChunkedLoss(hidden_fn, chunk, dtype, kernel_grad=path in trainable)
+
+
+def chunked_token_losses(h_BxLxD: jax.Array, kernel_DxV: jax.Array, batch: dict, chunk: int,
+                         dtype: Any = jnp.float32, kernel_grad: bool = True
+                         ) -> tuple[jax.Array, jax.Array]:
+  """The summed next-token loss and the trained-token count of `token_losses`, from the final
+  hidden states and the output head, `chunk` positions at a time: one chunk's fp32 logits exist
+  at a time, never the batch's (see `_chunked_nll`)."""
+  d = h_BxLxD.shape[-1]
+  targets = batch["tokens"][:, 1:].reshape(-1)
+  weights = (batch["loss_mask"][:, 1:] *
+             (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1])).astype(jnp.float32)
+  weights = weights.reshape(-1)
+  h = h_BxLxD[:, :-1].reshape(-1, d)
+  pad = -h.shape[0] % chunk
+  h, targets, weights = (jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+                         for x in (h, targets, weights))
+  return (_chunked_nll(h, kernel_DxV, targets, weights, chunk, jnp.dtype(dtype), kernel_grad),
+          weights.sum())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_nll(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kernel_grad=True):
+  return _chunked_nll_fwd(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kernel_grad)[0]
+
+
+def _chunked_nll_fwd(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kernel_grad=True):
+  """Loss and both gradients in one pass over the chunks: each chunk's softmax gives its logit
+  gradient at once, so the backward pass only scales what the forward pass accumulated (no
+  logits are recomputed or kept). Without `kernel_grad` (a frozen head) the head's gradient is
+  not computed (it comes back as zeros)."""
+  n, d = h_NxD.shape
+  kernel = kernel_DxV.astype(dtype)
+
+  def piece(dk, xs):
+    h_c, t_c, w_c = xs
+    logits = jnp.dot(h_c.astype(dtype), kernel).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+    probs = jnp.exp(logits - lse[:, None])
+    dlogits = (probs - jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)) * w_c[:, None]
+    dlogits = dlogits.astype(dtype)
+    dh = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)
+    if kernel_grad:
+      dk = dk + jnp.dot(h_c.astype(dtype).T, dlogits, preferred_element_type=jnp.float32)
+    return dk, (jnp.sum(nll * w_c), dh)
+
+  dk = jnp.zeros((d, kernel.shape[-1]) if kernel_grad else (), jnp.float32)
+  dk, (sums, dh) = jax.lax.scan(
+      piece, dk,
+      (h_NxD.reshape(-1, chunk, d), targets_N.reshape(-1, chunk), weights_N.reshape(-1, chunk)))
+  dk = dk.astype(kernel_DxV.dtype) if kernel_grad else jnp.zeros((), kernel_DxV.dtype)
+  return jnp.sum(sums), (dh.reshape(n, d).astype(h_NxD.dtype), dk)
+
+
+def _chunked_nll_bwd(chunk, dtype, kernel_grad, residuals, g):
+  del chunk, dtype
+  dh, dk = residuals
+  dk = (g * dk).astype(dk.dtype) if kernel_grad else None  # None: a zero cotangent
+  return (g * dh).astype(dh.dtype), dk, None, None
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Distill:
+  """Knowledge distillation: loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)."""
+
+  teacher_fn: Callable  # (teacher params, batch) -> logits
+  temperature: float
+  alpha: float
+
+
+def distill_kl(student_BxLxV: jax.Array, teacher_BxLxV: jax.Array, weights: jax.Array,
+               temperature: float) -> jax.Array:
+  """T^2 * KL(teacher || student) of the softened next-token distributions, per position,
+  weighted like `token_losses` (so only trained positions count)."""
+  t = temperature
+  log_s = jax.nn.log_softmax(student_BxLxV[:, :-1].astype(jnp.float32) / t, axis=-1)
+  log_t = jax.nn.log_softmax(teacher_BxLxV[:, :-1].astype(jnp.float32) / t, axis=-1)
+  kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+  return t * t * kl * weights
+
+
+def cross_entropy(apply_fn: ApplyFn) -> LossFn:
+  """Next-token cross-entropy of a causal LM (or row cross-entropy of a classifier) from whole
+  logits: `token_losses` / `class_losses` summed."""
+  def loss_fn(params, batch, rng=None, context=None):
+    del context
+    nll, weights, _ = losses(apply_fn(params, batch, rng), batch)
+    return nll.sum(), {"tokens": weights.sum()}
+  return loss_fn
+
+
+def chunked_cross_entropy(chunked: ChunkedLoss) -> LossFn:
+  """`cross_entropy` of a causal LM computed `chunked.chunk` tokens at a time (no whole-batch
+  logits; see `ChunkedLoss`)."""
+  def loss_fn(params, batch, rng=None, context=None):
+    del context
+    h, kernel = chunked.hidden_fn(params, batch, rng)
+    nll_sum, count = chunked_token_losses(h, kernel, batch, chunked.chunk, chunked.dtype,
+                                          chunked.kernel_grad)
+    return nll_sum, {"tokens": count}
+  return loss_fn
+
+
+def distillation(apply_fn: ApplyFn, distill: Distill) -> LossFn:
+  """alpha * CE + (1 - alpha) * T^2 * KL(teacher || student); the step's `context` holds the
+  teacher's parameters. `aux["kl"]` is the summed KL."""
+  def loss_fn(params, batch, rng=None, context=None):
+    logits = apply_fn(params, batch, rng)
+    nll, weights, _ = losses(logits, batch)
+    teacher_logits = jax.lax.stop_gradient(distill.teacher_fn(context, batch))
+    kl = distill_kl(logits, teacher_logits, weights, distill.temperature).sum()
+    return distill.alpha * nll.sum() + (1 - distill.alpha) * kl, {"tokens": weights.sum(),
+                                                                   "kl": kl}
+  return loss_fn
+
+
+def regularized(loss_fn: LossFn, penalty: Callable[[dict], jax.Array], weight: float) -> LossFn:
+  """`loss_fn` plus `weight * penalty(params)` per trained token: the step's per-token loss then
+  gains exactly `weight * penalty(params)`, whatever the batch and accumulation."""
+  def regularized_fn(params, batch, rng=None, context=None):
+    total, aux = loss_fn(params, batch, rng, context)
+    return total + weight * penalty(params) * aux["tokens"], aux
+  return regularized_fn

@@ -1,0 +1,254 @@
+"""The fast tier: tree selection, optimizer groups, sharding rules, the step and the losses on
+synthetic parameters (no model directory, no HF), and the package's one-way imports."""
+
+import ast
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ftjax as fj
+from ftjax import loss, models, optim, sharding, step, tree
+from ftjax.config import LrGroup, MeshConfig, OptimConfig, UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATHS = ["embed_tokens/embedding", "layers_0/self_attn/q_proj/kernel",
+         "layers_0/self_attn/q_proj/lora_a", "layers_0/input_layernorm/scale",
+         "layers_1/mlp/up_proj/kernel", "layers_1/mlp/up_proj/bias", "norm/scale",
+         "lm_head/kernel"]
+
+
+# ---- tree: one selection utility ------------------------------------------------------------
+
+def test_label_first_match_wins_and_default_covers_the_rest():
+  labels = tree.label([(r"lora_", "adapter"), (r"^layers_0/", "layer0"), (r"kernel$", "kernel")],
+                      PATHS, "rules", default="other")
+  assert labels["layers_0/self_attn/q_proj/lora_a"] == "adapter"  # before ^layers_0/
+  assert labels["layers_0/self_attn/q_proj/kernel"] == "layer0"  # before kernel$
+  assert labels["layers_1/mlp/up_proj/kernel"] == "kernel"
+  assert labels["norm/scale"] == "other"
+  assert list(labels) == PATHS
+
+
+@pytest.mark.parametrize("rules,needle", [
+    ([("nothing_here", 1)], "rules: pattern 'nothing_here' matches no parameter"),
+    ([("layers_(", 1)], "rules: 'layers_(' is not a valid regex"),
+    ([("kernel$", 1)], "rules: parameter 'embed_tokens/embedding' is covered by no rule"),
+])
+def test_label_errors_name_the_pattern_or_path(rules, needle):
+  with pytest.raises(UserError, match=needle.replace("(", r"\(").replace("$", r"\$")):
+    tree.label(rules, PATHS, "rules")
+
+
+def test_select_accepts_functions_regexes_and_ordered_rules():
+  assert tree.select(lambda p: p.endswith("scale"), PATHS) == {"layers_0/input_layernorm/scale",
+                                                               "norm/scale"}
+  assert tree.select("^lm_head/", PATHS) == {"lm_head/kernel"}
+  assert tree.select(["bias$", "lora_"], PATHS) == {"layers_1/mlp/up_proj/bias",
+                                                     "layers_0/self_attn/q_proj/lora_a"}
+  chosen = tree.select([("^layers_0/.*lora", True), ("^layers_0/", False), ("kernel$", True)],
+                       PATHS)
+  assert chosen == {"layers_0/self_attn/q_proj/lora_a", "layers_1/mlp/up_proj/kernel",
+                    "lm_head/kernel"}
+  assert tree.match(["norm", "scale$"], PATHS, "x") == {"layers_0/input_layernorm/scale",
+                                                         "norm/scale"}  # union, overlaps fine
+
+
+def test_split_and_merge_round_trip():
+  params = tree.unflatten({p: np.full((2,), i, np.float32) for i, p in enumerate(PATHS)})
+  train, frozen = tree.split(params, {"norm/scale", "lm_head/kernel"})
+  assert set(tree.flatten(train)) == {"norm/scale", "lm_head/kernel"}
+  merged = tree.flatten(tree.merge(train, frozen))
+  assert all(np.array_equal(merged[p], tree.flatten(params)[p]) for p in PATHS)
+
+
+# ---- optim: groups through the same rules ---------------------------------------------------
+
+def test_lr_groups_first_match_layer_decay_and_loraplus():
+  cfg = OptimConfig(lr=0.1, layer_decay=0.5, loraplus_ratio=4.0,
+                    lr_groups=[LrGroup("^lm_head/", 1.0), LrGroup("kernel$", 0.2)])
+  family = models.for_model_type("llama")
+  paths = PATHS + ["layers_0/self_attn/q_proj/lora_b"]
+  m = optim.lr_multipliers(cfg, paths, 2, family)
+  assert m["lm_head/kernel"] == pytest.approx(10.0)  # first group wins; depth 3 of 2: 0.5**0
+  assert m["layers_1/mlp/up_proj/kernel"] == pytest.approx(2.0 * 0.5)  # depth 2
+  assert m["layers_0/self_attn/q_proj/kernel"] == pytest.approx(2.0 * 0.25)  # depth 1
+  assert m["embed_tokens/embedding"] == pytest.approx(0.5**3)  # depth 0
+  assert m["layers_0/self_attn/q_proj/lora_b"] == pytest.approx(0.25 * 4)
+  with pytest.raises(UserError, match=r"optim.lr_groups .*'\^gate' matches no parameter"):
+    optim.lr_multipliers(OptimConfig(lr_groups=[LrGroup("^gate", 1.0)]), PATHS, 2, family)
+
+
+@pytest.mark.parametrize("family", [f.name for f in models.FAMILIES])
+def test_default_no_decay_exempts_norms_biases_and_embeddings_in_every_family(family):
+  fam = next(f for f in models.FAMILIES if f.name == family)
+  paths = [ours.replace("{i}", "0") for _, ours, _ in fam.table]
+  params = tree.unflatten({p: np.zeros(2) for p in paths})
+  decayed = {p for p, d in tree.flatten(optim.decay_mask(OptimConfig(), params)).items() if d}
+  for p in paths:
+    exempt = fam.kind(p) in ("norm", "embedding") or p.endswith("bias")
+    assert (p not in decayed) == exempt, p
+
+
+def test_decoupled_weight_decay_skips_masked_leaves():
+  params = {"w": {"kernel": jnp.ones(3)}, "n": {"scale": jnp.ones(3)}}
+  cfg = OptimConfig(name="sgd", lr=0.5, weight_decay=0.1, clip_norm=0.0, schedule="constant")
+  tx, _ = optim.build(cfg, 10, params)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  np.testing.assert_allclose(updates["w"]["kernel"], -0.5 * 0.1 * np.ones(3), rtol=1e-6)
+  np.testing.assert_allclose(updates["n"]["scale"], np.zeros(3))
+
+
+# ---- sharding rules ---------------------------------------------------------------------------
+
+def test_logical_axes_map_to_mesh_axes_only_where_they_divide():
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  P = jax.sharding.PartitionSpec
+  assert sharding._spec(P("embed", "heads"), (64, 32), mesh) == P("fsdp", "tensor")
+  assert sharding._spec(P("vocab", "embed"), (321, 64), mesh) == P(None, "fsdp")  # 321 odd
+  assert sharding._spec(P("embed", "embed"), (64, 64), mesh) == P("fsdp", None)  # once per axis
+  assert sharding._spec(P("norm"), (64,), mesh) == P(None)
+  assert sharding.mesh_shape(MeshConfig(data=-1, tensor=2), 8) == (4, 1, 2)
+  with pytest.raises(UserError, match="does not divide the 8 devices"):
+    sharding.mesh_shape(MeshConfig(data=3), 8)
+
+
+# ---- losses and the step, on a synthetic linear "model" -------------------------------------
+
+V, D = 11, 6
+
+
+def _apply(params, batch, rng=None):
+  del rng
+  h = jax.nn.one_hot(batch["tokens"], V) @ params["embed"]
+  return h @ params["head"]
+
+
+def _batch(rows=4, length=7, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, V, (rows, length)).astype(np.int32)
+  lengths = rng.integers(2, length + 1, rows)
+  seg = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+  return {"tokens": tokens, "positions": np.broadcast_to(np.arange(length), tokens.shape),
+          "segment_ids": seg, "loss_mask": seg.copy()}
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"embed": jnp.asarray(rng.normal(size=(V, D)), jnp.float32),
+          "head": jnp.asarray(rng.normal(size=(D, V)), jnp.float32)}
+
+
+def test_token_losses_equal_a_hand_computed_cross_entropy():
+  params, batch = _params(), _batch()
+  logits = np.asarray(_apply(params, batch), np.float64)
+  nll, weights, _ = loss.token_losses(jnp.asarray(logits, jnp.float32), batch)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = sum(-logp[b, t, batch["tokens"][b, t + 1]]
+             for b in range(4) for t in range(6) if batch["segment_ids"][b, t + 1])
+  assert float(nll.sum()) == pytest.approx(want, rel=1e-5)
+  assert float(weights.sum()) == float((batch["segment_ids"][:, 1:]).sum())
+
+
+def test_chunked_cross_entropy_equals_whole_logits_in_value_and_gradient():
+  params, batch = _params(), _batch(rows=3, length=9)
+  hidden = lambda p, b, rng=None: (jax.nn.one_hot(b["tokens"], V) @ p["embed"], p["head"])
+  whole = loss.cross_entropy(_apply)
+  chunked = loss.chunked_cross_entropy(loss.ChunkedLoss(hidden, chunk=5))
+  (l1, a1), g1 = jax.value_and_grad(whole, has_aux=True)(params, batch)
+  (l2, a2), g2 = jax.value_and_grad(chunked, has_aux=True)(params, batch)
+  assert float(l1) == pytest.approx(float(l2), rel=1e-6) and float(a1["tokens"]) == a2["tokens"]
+  for k in params:
+    np.testing.assert_allclose(g1[k], g2[k], rtol=1e-5, atol=1e-6)
+
+
+def test_step_divides_by_all_tokens_so_accumulation_equals_one_batch():
+  params, batch = _params(), _batch(rows=8)
+  tx = optax.sgd(0.1)
+  fn = loss.cross_entropy(_apply)
+  one = step.train_step(step.init_state(params, tx), {}, {k: v[None] for k, v in batch.items()},
+                        loss_fn=fn, tx=tx)
+  four = fj.make_train_step(fn, tx, grad_accum=4)(step.init_state(params, tx), {}, batch)
+  for k in params:
+    np.testing.assert_allclose(one[0].params[k], four[0].params[k], rtol=1e-5, atol=1e-6)
+  assert float(one[1]["loss"]) == pytest.approx(float(four[1]["loss"]), rel=1e-6)
+
+
+def test_a_regularised_loss_adds_exactly_its_penalty_per_token():
+  params, batch = _params(), _batch(rows=8)
+  tx = optax.sgd(1.0)
+  penalty = lambda p: jnp.sum(p["head"] ** 2)
+  base = loss.cross_entropy(_apply)
+  plain = step.train_step(step.init_state(params, tx), {}, {k: v[None] for k, v in
+                                                             batch.items()}, loss_fn=base, tx=tx)
+  want = float(plain[1]["loss"]) + 0.01 * float(penalty(params))
+  reg = fj.make_train_step(loss.regularized(base, penalty, 0.01), tx, grad_accum=2)(
+      step.init_state(_params(), tx), {}, batch)  # fresh arrays: the jitted step donates them
+  assert float(reg[1]["loss"]) == pytest.approx(want, rel=1e-5)
+  # SGD at lr 1: the head moves by the plain gradient plus d(0.01 |head|^2) = 0.02 head
+  np.testing.assert_allclose(plain[0].params["head"] - reg[0].params["head"],
+                             0.02 * params["head"], rtol=1e-4, atol=1e-6)
+
+
+def test_the_step_trains_only_what_it_is_given_and_skips_non_finite_updates():
+  params = _params()
+  train, frozen = {"head": params["head"]}, {"embed": params["embed"]}
+  tx = optax.adam(1e-2)
+  fn = fj.make_train_step(loss.cross_entropy(_apply), tx)
+  state = step.init_state(train, tx)
+  state, metrics = fn(state, frozen, _batch())
+  assert set(state.params) == {"head"} and int(state.step) == 1
+  assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["loss"]) > 0
+  poisoned = {"embed": frozen["embed"].at[0, 0].set(jnp.nan)}
+  before = jax.device_get(state.params)
+  state, metrics = fn(state, poisoned, _batch())
+  assert int(state.skipped) == 1 and not np.isfinite(float(metrics["grad_norm"]))
+  np.testing.assert_array_equal(np.asarray(state.params["head"]), before["head"])
+
+
+# ---- one-way imports ------------------------------------------------------------------------
+
+def _imports(path: str, module: str, modules: set[str]) -> set[str]:
+  """The ftjax modules `module` imports (anywhere in the file, lazily or not)."""
+  out = set()
+  package = module if path.endswith("__init__.py") else module.rsplit(".", 1)[0]
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names if a.name in modules}
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] +
+                        ([base] if base else []))
+      for a in node.names:
+        name = f"{base}.{a.name}"
+        out.add(name if name in modules else base)
+  return {m for m in out if m in modules and m != module}
+
+
+def test_imports_are_acyclic():
+  files = {}
+  for root, _, names in os.walk(os.path.join(REPO, "ftjax")):
+    for n in names:
+      if n.endswith(".py"):
+        rel = os.path.relpath(os.path.join(root, n), REPO)[:-3].replace(os.sep, ".")
+        files[rel.removesuffix(".__init__")] = os.path.join(root, n)
+  graph = {m: _imports(p, m, set(files)) for m, p in files.items()}
+  assert graph["ftjax.train"] >= {"ftjax.assembly", "ftjax.loss"}  # the parser sees imports
+  state: dict[str, int] = {}
+
+  def visit(m, stack):
+    state[m] = 1
+    for n in sorted(graph[m]):
+      if state.get(n) == 1:
+        raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+      if not state.get(n):
+        visit(n, stack + [n])
+    state[m] = 2
+
+  for m in sorted(graph):
+    if not state.get(m):
+      visit(m, [m])
