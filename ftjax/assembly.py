@@ -92,9 +92,9 @@ class Model:
 
 
 def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
-               trainable: Any = None, compute: str = "fp32", num_labels: int = 0,
+               trainable: Any = None, compute: str = "auto", num_labels: int = 0,
                seed: int = 0, mesh: Optional[jax.sharding.Mesh] = None, remat: str = "none",
-               attention: str = "xla", tokenizer: Any = None, seq_len: int = 0,
+               attention: str = "auto", tokenizer: Any = None, seq_len: int = 0,
                init_from: Optional[str] = None) -> Model:
   """Loads an HF model directory and adds a PEFT method.
 
@@ -105,12 +105,13 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
     trainable: which parameters train, deciding over every path: a function path -> bool, a
       regex, a list of regexes, or ordered (regex, bool) rules (see `tree.select`). Default:
       the method's own parameters plus `peft_config.trainable`, minus `peft_config.frozen`.
-    compute: the compute dtype (auto | fp32 | bf16 | fp16).
+    compute: the compute dtype (auto: fp32 on CPUs, bf16 on accelerators | fp32 | bf16 | fp16).
     num_labels: > 0 for a sequence classifier with this many labels (a fresh head if the
       checkpoint has none).
     seed: the PEFT initialisation's seed.
     mesh: build every parameter in its shards on this mesh.
-    remat, attention: the module's rematerialisation and attention implementation.
+    remat, attention: the module's rematerialisation (none | full | dots) and attention
+      implementation (auto: cuDNN's fused kernel on GPUs in half precision | xla | cudnn).
     tokenizer: needed for prompt tuning's `init: text`.
     seq_len: the longest sequence, checked against the context (0: not checked).
     init_from: an HF PEFT adapter directory whose weights (and settings) start the method;
@@ -147,15 +148,19 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
                       attention=common.attention_impl(attention, dtype, packing=False))
   # The partition first, from shapes alone: the weights are then read in their final dtype.
   shapes = tree.flatten(hf.abstract_params(module))
-  chosen = _trainable(cfg, trainable, base_paths, shapes)
+  heads = {p for p in shapes if family.is_classifier(p)}
+  chosen = _trainable(cfg, trainable, base_paths, shapes, heads)
   dtypes = {p: jnp.bfloat16 for p in base_paths if p not in chosen} \
-      if cfg.base_dtype == "bf16" else None
+      if cfg.base_dtype == "bf16" else {}
+  # Soft prompts start from rows of the fp32 embedding table; it is converted after that.
+  late = {family.embedding} & set(dtypes) if spec.prompt_len else set()
+  dtypes = {p: d for p, d in dtypes.items() if p not in late}
   layout = sharding.param_shardings(module, mesh) if mesh is not None else None
   loaded = hf.load(model_dir, dtype, shardings=layout, num_labels=num_labels, dtypes=dtypes)
   fresh = loaded.fresh
   if fresh:  # e.g. BERT's pooler: initialised here, so not frozen base weights
     base_paths = [p for p in base_paths if p not in fresh]
-    chosen = _trainable(cfg, trainable, base_paths, shapes)
+    chosen = _trainable(cfg, trainable, base_paths, shapes, heads | set(fresh))
   text_ids = None
   if spec.method == "prompt" and spec.init == "text":
     if tokenizer is None:
@@ -167,6 +172,7 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
                      Context(model_cfg, family, tuple(base_paths)))
   del loaded  # the only reference to the base tree is now `params`
   flat = tree.flatten(params)
+  flat.update({p: flat[p].astype(jnp.bfloat16) for p in late})
   for path, value in from_adapter.items():
     if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
       got = tuple(flat[path].shape) if path in flat else "no such parameter"
@@ -179,13 +185,17 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
                model_dir, cfg, fresh, layout)
 
 
-def _trainable(cfg: PeftConfig, rule: Any, base_paths: list[str], shapes: dict) -> set[str]:
+def _trainable(cfg: PeftConfig, rule: Any, base_paths: list[str], shapes: dict,
+               always: set[str]) -> set[str]:
+  """The trained paths: without a rule the method's own leaves plus `cfg.trainable`, minus
+  `cfg.frozen`; with one, its choice plus `always` (a classification head and weights the
+  checkpoint lacked, which start freshly initialised)."""
   if rule is None:
     return peft.trainable_paths(cfg, base_paths, tree.unflatten(shapes))
   chosen = tree.select(rule, shapes, "trainable")
   if not chosen:
     raise UserError("trainable: the rule chooses no parameter")
-  return chosen
+  return chosen | always
 
 
 def from_config(cfg: Config, tokenizer: Any = None, mesh: Optional[jax.sharding.Mesh] = None,

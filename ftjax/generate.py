@@ -30,7 +30,7 @@ from ftjax.config import PeftConfig, UserError
 from ftjax.peft import hf_adapter
 
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ftjax.generate")  # not __main__ under python -m
 
 
 @functools.partial(jax.jit, static_argnames=("module", "prefill", "top_k"))
@@ -124,7 +124,7 @@ def load_for_generation(model_dir: Optional[str], adapter: Optional[str], run: O
     method = hf_adapter.method_of(*hf_adapter.read_config(adapter, "--adapter"))
     peft_cfg = PeftConfig(method=method, init_from=adapter)
   tokenizer = hf.load_tokenizer(model_dir)
-  model = assembly.load_model(model_dir, peft_cfg, tokenizer=tokenizer)
+  model = assembly.load_model(model_dir, peft_cfg, compute="fp32", tokenizer=tokenizer)
   return model.module, model.params, tokenizer, model_dir
 
 

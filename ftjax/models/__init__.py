@@ -31,12 +31,18 @@ def for_architecture(arch: Optional[str]) -> Optional[Family]:
 
 def for_model_type(model_type: str) -> Family:
   """The family that reads HF configs of this `model_type`."""
-  return next(f for f in FAMILIES if model_type in f.architectures.values())
+  found = [f for f in FAMILIES if model_type in f.architectures.values()]
+  if not found:
+    raise KeyError(f"no registered model family reads model_type '{model_type}'")
+  return found[0]
 
 
 def for_module(module) -> Family:
   """The family whose Flax module `module` is."""
-  return next(f for f in FAMILIES if type(module) is f.module)
+  found = [f for f in FAMILIES if type(module) is f.module]
+  if not found:
+    raise KeyError(f"{type(module).__name__} is no registered family's module")
+  return found[0]
 
 
 __all__ = ["FAMILIES", "Family", "by_architecture", "for_architecture", "for_model_type",

@@ -222,7 +222,7 @@ TABLE = (
 FAMILY = Family(
     "bert", ARCHITECTURES, BertConfig.from_hf, Bert, TABLE, "bert.",
     embedding="embeddings/word_embeddings/embedding", layer=r"(?:^|/)layer_(\d+)/",
-    kinds=(("norm", r"LayerNorm/"), ("embedding", r"^embeddings/"), ("attention", r"/attention/"),
+    kinds=(("embedding", r"^embeddings/"), ("norm", r"LayerNorm/"), ("attention", r"/attention/"),
            ("mlp", r"/(intermediate|output)/"), ("head", r"^(pooler|classifier)/")),
     heads=("classifier",), classifier_head="classifier", optional=("classifier", "pooler"),
     classifiers={"bert": "BertForSequenceClassification"}, causal_lm=False)

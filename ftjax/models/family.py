@@ -14,9 +14,6 @@ from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
 
-KINDS = ("embedding", "attention", "mlp", "norm", "head")
-
-
 @functools.cache
 def _compile(template: str) -> re.Pattern:
   return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
@@ -37,9 +34,9 @@ class Family:
     embedding: the token-embedding table's path.
     layer: a regex whose group 1 is the layer index of a path inside a layer.
     kinds: (kind, regex) pairs, first match wins: which module kind a path belongs to
-      (embedding, attention, mlp, norm, head).
-    heads: top-level modules that are output or classification heads (never LoRA's
-      all-linear, never part of the frozen base).
+      (embedding, attention, mlp, norm, head); layer-wise lr places `embedding` below layer 0.
+    heads: top-level modules that are output or classification heads (never in LoRA's or
+      IA3's all-linear).
     output_head: the path of an untied output head's kernel (tied models share `embedding`).
     classifier_head: the top-level module of the sequence-classification head.
     optional: top-level modules a checkpoint may lack (they start freshly initialised).

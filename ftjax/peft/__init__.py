@@ -36,9 +36,6 @@ METHODS: dict[str, type[Method]] = {
 # HF PEFT's peft_type -> peft.method, for the methods PEFT can hold.
 PEFT_TYPES = {cls.peft_type: name for name, cls in METHODS.items() if cls.peft_type}
 
-Spec = Method  # the name model code and older callers use for a resolved method
-
-
 def build_spec(cfg: PeftConfig, base_paths: list[str], model_cfg, family=None) -> Method:
   """The resolved method of `cfg` for a model with these parameter paths and this config."""
   family = family or models.for_model_type(model_cfg.family)
@@ -51,14 +48,6 @@ def check_context(spec: Method, seq_len: int, max_positions: Optional[int], wher
     what = f"peft.{spec.method}.length ({spec.virtual_tokens}) + " if spec.virtual_tokens else ""
     raise UserError(f"{what}data.seq_len ({seq_len}) exceeds the context of {where} "
                     f"({max_positions} positions)")
-
-
-def fresh_leaves(module, base_paths) -> dict:
-  """Shapes of the leaves `module.peft` adds to the base parameters (nothing is allocated)."""
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, tokens, tokens))
-  base = set(base_paths)
-  return {p: v for p, v in tree.flatten(tree.unbox(shapes["params"])).items() if p not in base}
 
 
 def init(module, base: dict, rng: jax.Array, text_ids: Optional[list[int]] = None,
@@ -112,6 +101,5 @@ def merge(spec: Method, params: dict) -> dict:
   return tree.unflatten(spec.merge(tree.flatten(params)))
 
 
-__all__ = ["METHODS", "PEFT_TYPES", "NONE", "Context", "Method", "Spec", "build_spec",
-           "check_context", "eject", "fresh_leaves", "init", "merge", "merge_refusal",
-           "trainable_paths"]
+__all__ = ["METHODS", "PEFT_TYPES", "NONE", "Context", "Method", "build_spec", "check_context",
+           "eject", "init", "merge", "merge_refusal", "trainable_paths"]

@@ -77,10 +77,6 @@ class Method(layers.PeftHooks):
     del cfg, ctx
     return cls()
 
-  def settings(self) -> dict:
-    """The `peft.<method>` config fields this method was built with (for config.yaml)."""
-    return {}
-
   def finish(self, flat: dict, rng: jax.Array, text_ids: Optional[list[int]],
              ctx: Context) -> dict:
     """Initial values that depend on the loaded base weights; `flat` holds all parameters."""

@@ -49,10 +49,6 @@ class Lora(Method):
     return cls(ctx.dense_modules(c.targets, "peft.lora.targets"), c.r, c.alpha, scale(c),
                c.dropout, c.rslora, c.dora)
 
-  def settings(self) -> dict:
-    return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "rslora": self.rslora,
-            "dora": self.dora}
-
   def wraps(self, module_path: str) -> bool:
     return module_path in self.modules
 

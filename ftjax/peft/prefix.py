@@ -80,9 +80,6 @@ class PrefixTuning(Method):
         if cfg.prefix.projection else 0
     return cls(cfg.prefix.length, hidden)
 
-  def settings(self) -> dict:
-    return {"length": self.prefix_len, "projection": bool(self.hidden)}
-
   def prefix(self, module, cfg, dtype):
     return Prefix(self.prefix_len, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.hidden,
                   dtype, name="prefix")()

@@ -48,9 +48,6 @@ class PromptTuning(Method):
   def from_config(cls, cfg: PeftConfig, ctx: Context) -> "PromptTuning":
     return cls(cfg.prompt.length, cfg.prompt.init)
 
-  def settings(self) -> dict:
-    return {"length": self.prompt_len}
-
   def prompt(self, module, features):
     return Prompt(self.prompt_len, features, name="prompt")()
 
