@@ -90,6 +90,37 @@ class Model:
                                   batch["segment_ids"], rngs=rngs)
     return logits
 
+  def with_trainable(self, rule: Any) -> "Model":
+    """The same model with another partition (`rule` as `load_model`'s `trainable`; heads and
+    fresh weights still train). Leaves read in bf16 that now train are converted to fp32 (from
+    their bf16 values: choose the partition at `load_model` to train them from fp32)."""
+    heads = {p for p in tree.flatten(self.params) if self.family.is_classifier(p)}
+    chosen = _trainable(self.peft_config, rule, self.base_paths, tree.flatten(self.params),
+                        heads | set(self.fresh))
+    flat = {p: v.astype(jnp.float32) if p in chosen else v
+            for p, v in tree.flatten(self.params).items()}
+    return dataclasses.replace(self, params=tree.unflatten(flat), trainable=chosen)
+
+  def with_peft(self, peft_config: PeftConfig, trainable: Any = None, seed: int = 0,
+                tokenizer: Any = None) -> "Model":
+    """This base model (built with method none) plus a freshly initialised PEFT method: what
+    `load_model(path, peft_config, trainable=...)` builds, without reading the weights again."""
+    if self.spec.method != "none":
+      raise UserError(f"with_peft: this model already has peft.method {self.spec.method}")
+    cfg = dataclasses.replace(peft_config)
+    spec = peft.build_spec(cfg, self.base_paths, self.config, self.family)
+    module = self.module.clone(peft=spec)
+    text_ids = _prompt_text(spec, cfg, tokenizer)
+    params = peft.init(module, self.params, jax.random.PRNGKey(seed), text_ids, self.context)
+    flat = tree.flatten(params)
+    heads = {p for p in flat if self.family.is_classifier(p)}
+    chosen = _trainable(cfg, trainable, self.base_paths, flat, heads | set(self.fresh))
+    if cfg.base_dtype == "bf16":
+      flat.update({p: v.astype(jnp.bfloat16) for p, v in flat.items()
+                   if p in self.base_paths and p not in chosen})
+    return dataclasses.replace(self, module=module, params=tree.unflatten(flat),
+                               trainable=chosen, peft_config=cfg)
+
 
 def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
                trainable: Any = None, compute: str = "auto", num_labels: int = 0,
@@ -161,13 +192,7 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
   if fresh:  # e.g. BERT's pooler: initialised here, so not frozen base weights
     base_paths = [p for p in base_paths if p not in fresh]
     chosen = _trainable(cfg, trainable, base_paths, shapes, heads | set(fresh))
-  text_ids = None
-  if spec.method == "prompt" and spec.init == "text":
-    if tokenizer is None:
-      raise UserError("peft.prompt.init: text needs the model's tokenizer")
-    text_ids = tokenizer(cfg.prompt.init_text)["input_ids"]  # as PEFT does (BOS included)
-    if not text_ids:
-      raise UserError("peft.prompt.init_text tokenizes to nothing")
+  text_ids = _prompt_text(spec, cfg, tokenizer)
   params = peft.init(module, loaded.params, jax.random.PRNGKey(seed), text_ids,
                      Context(model_cfg, family, tuple(base_paths)))
   del loaded  # the only reference to the base tree is now `params`
@@ -183,6 +208,18 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
     flat = {p: jax.device_put(v, layout[p]) for p, v in flat.items()}
   return Model(module, tree.unflatten(flat), chosen, base_paths, model_cfg, hf_cfg, family,
                model_dir, cfg, fresh, layout)
+
+
+def _prompt_text(spec: Method, cfg: PeftConfig, tokenizer: Any) -> Optional[list[int]]:
+  """The token ids prompt tuning's `init: text` starts from, else None."""
+  if spec.method != "prompt" or spec.init != "text":
+    return None
+  if tokenizer is None:
+    raise UserError("peft.prompt.init: text needs the model's tokenizer")
+  text_ids = tokenizer(cfg.prompt.init_text)["input_ids"]  # as PEFT does (BOS included)
+  if not text_ids:
+    raise UserError("peft.prompt.init_text tokenizes to nothing")
+  return text_ids
 
 
 def _trainable(cfg: PeftConfig, rule: Any, base_paths: list[str], shapes: dict,

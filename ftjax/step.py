@@ -54,18 +54,15 @@ def accumulate(params: dict, frozen: dict, batch: dict, rng: jax.Array, loss_fn:
   grad_fn = jax.grad(scaled, has_aux=True)
 
   def micro(carry, inputs):
-    grads, total, aux = carry
+    grads, total = carry
     i, mb = inputs
     g, (t, a) = grad_fn(params, mb, jax.random.fold_in(rng, i))
-    return (jax.tree.map(jnp.add, grads, g), total + t, jax.tree.map(jnp.add, aux, a)), None
+    return (jax.tree.map(jnp.add, grads, g), total + t), a
 
-  first = jax.tree.map(lambda x: x[0], batch)
-  aux_shape = jax.eval_shape(lambda: loss_fn(tree.merge(params, frozen), first, rng, context)[1])
-  zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
-           jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape))
+  zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
   accum = jax.tree.leaves(batch)[0].shape[0]
-  (grads, total, aux), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
-  return grads, total, aux
+  (grads, total), auxs = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
+  return grads, total, jax.tree.map(lambda x: jnp.sum(x, axis=0), auxs)
 
 
 def train_step(state: TrainState, frozen: dict, batch: dict, context: Any = None, *,

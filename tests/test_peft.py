@@ -45,7 +45,7 @@ def _torch_logits(model, virtual=0):
   return out[:, virtual:].numpy()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("words", [
     ["peft.method=lora"],
     ["peft.method=lora", "peft.lora.targets=[all-linear]", "peft.lora.dora=true"],
@@ -398,7 +398,7 @@ def test_tied_embeddings_trained_with_lora_export_to_peft(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,words", [
-    ("qwen3", ["peft.method=lora", "peft.lora.targets=[all-linear]"]),
+    ("qwen3", ["peft.method=lora", "peft.lora.targets=[q_proj, k_proj, up_proj]"]),
     ("qwen3", ["peft.method=ia3", "optim.lr=5e-2"]),
     ("gpt2", ["peft.method=ia3", "peft.ia3.targets=[c_attn, mlp/c_proj]",
               "peft.ia3.feedforward=[mlp/c_proj]", "optim.lr=5e-2"]),

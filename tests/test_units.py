@@ -227,6 +227,21 @@ def test_load_model_partitions_before_reading_and_keeps_heads_trainable(tiny_lla
                                 np.asarray(fp32["norm/scale"].astype(jnp.bfloat16), np.float32))
 
 
+def test_with_peft_builds_what_load_model_builds(tiny_llama_dir):
+  cfg = fj.PeftConfig(method="ia3")
+  direct = fj.load_model(tiny_llama_dir, cfg, seed=3)
+  base = fj.load_model(tiny_llama_dir)
+  added = base.with_peft(cfg, seed=3)
+  assert added.trainable == direct.trainable and added.spec == direct.spec
+  one, two = tree.flatten(added.params), tree.flatten(direct.params)
+  assert set(one) == set(two) and all(np.array_equal(one[p], two[p]) for p in one)
+  batch = {k: jnp.asarray(v[:2, :12]) for k, v in _batch(4, 12).items()}
+  np.testing.assert_allclose(added.apply(added.params, batch), base.apply(base.params, batch),
+                             atol=1e-6)  # (IA)^3 starts as the identity
+  narrowed = added.with_trainable(r"mlp/down_proj/ia3_l$")
+  assert narrowed.trainable == {p for p in one if p.endswith("mlp/down_proj/ia3_l")}
+
+
 def test_soft_prompts_start_from_the_fp32_embedding_rows_under_a_bf16_base(tiny_llama_dir):
   cfg = fj.PeftConfig(method="prompt", base_dtype="bf16",
                       prompt=fj.PromptConfig(length=4, init="vocab"))
