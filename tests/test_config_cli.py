@@ -134,7 +134,7 @@ def test_cli_bad_input_is_one_clear_line(case, capsys, tmp_path, tiny_llama_dir,
       "truncated_weights": ([f"model.path={truncated}", f"train.output_dir={tmp_path / 'run'}"],
                             f"{weights}: not a readable safetensors file"),
   }[case]
-  code, err = _main(capsys, *words)
+  code, err = _main(capsys, f"train.output_dir={tmp_path / 'run'}", *words)  # not ./runs
   assert code == 2
   assert err.startswith("error: ") and needle in err, err
   assert len(err.splitlines()) == 1 and "Traceback" not in err
