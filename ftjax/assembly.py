@@ -157,7 +157,8 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
   dtype = compute_dtype(compute)
   base, model_cfg, hf_cfg, family = hf.build(model_dir, dtype, num_labels)
   # A classification head is never part of the frozen base: it always trains.
-  base_paths = [p for p in tree.flatten(hf.abstract_params(base)) if not family.is_classifier(p)]
+  base_shapes = tree.flatten(hf.abstract_params(base))
+  base_paths = [p for p in base_shapes if not family.is_classifier(p)]
   ctx = Context(model_cfg, family, tuple(base_paths))
   from_adapter: dict = {}
   if init_from:
@@ -187,14 +188,15 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
   late = {family.embedding} & set(dtypes) if spec.prompt_len else set()
   dtypes = {p: d for p, d in dtypes.items() if p not in late}
   layout = sharding.param_shardings(module, mesh) if mesh is not None else None
-  loaded = hf.load(model_dir, dtype, shardings=layout, num_labels=num_labels, dtypes=dtypes)
+  loaded = hf.load(model_dir, dtype, shardings=layout, num_labels=num_labels, dtypes=dtypes,
+                   expected=base_shapes)
   fresh = loaded.fresh
   if fresh:  # e.g. BERT's pooler: initialised here, so not frozen base weights
     base_paths = [p for p in base_paths if p not in fresh]
     chosen = _trainable(cfg, trainable, base_paths, shapes, heads | set(fresh))
   text_ids = _prompt_text(spec, cfg, tokenizer)
   params = peft.init(module, loaded.params, jax.random.PRNGKey(seed), text_ids,
-                     Context(model_cfg, family, tuple(base_paths)))
+                     Context(model_cfg, family, tuple(base_paths)), set(shapes))
   del loaded  # the only reference to the base tree is now `params`
   flat = tree.flatten(params)
   flat.update({p: flat[p].astype(jnp.bfloat16) for p in late})

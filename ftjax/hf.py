@@ -141,7 +141,7 @@ def abstract_params(module: Any) -> dict:
 
 def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
          shardings: Optional[dict] = None, num_labels: int = 0,
-         dtypes: Optional[dict] = None) -> LoadedModel:
+         dtypes: Optional[dict] = None, expected: Optional[dict] = None) -> LoadedModel:
   """Loads an HF model directory into an ftjax module and parameter tree.
 
   Args:
@@ -150,6 +150,7 @@ def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
     param_dtype: the dtype parameters are stored in.
     dtypes: {parameter path: dtype} for the parameters stored in another dtype (frozen base
       weights in bf16 are converted as they are read: no fp32 copy of them ever exists).
+    expected: {path: shape struct} of the module's parameters, when the caller has them.
     shardings: {parameter path: jax.sharding.Sharding}; each tensor is then read straight into
       its shards (each device's slice from the memory-mapped file), never whole on one device.
     num_labels: > 0 for a sequence classifier; a head the checkpoint lacks is left out of
@@ -159,7 +160,7 @@ def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
     UserError: for a directory that is not a supported model, or tensors that do not fit.
   """
   module, cfg, hf, family = build(model_dir, dtype, num_labels)
-  expected = tree.flatten(abstract_params(module))
+  expected = expected or tree.flatten(abstract_params(module))
   loaded: dict[str, Any] = {}
   for file in _safetensors_files(model_dir):
     with _open(file) as f:

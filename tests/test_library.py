@@ -39,9 +39,9 @@ def test_readme_library_example_runs_as_written(smollm2_dir, tmp_path):
   out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
                        capture_output=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.count("\n") == 20 and not out.stderr.strip().startswith("error")
   losses = [float(x) for x in re.findall(r"step \d+: loss ([\d.]+)", out.stdout)]
-  assert len(losses) == 20 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+  assert len(losses) == out.stdout.count("\n") == 12
+  assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
 
   adapter = tmp_path / "runs" / "library" / "adapter"
   with open(adapter / "adapter_config.json") as f:

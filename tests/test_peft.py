@@ -399,10 +399,9 @@ def test_tied_embeddings_trained_with_lora_export_to_peft(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("family,words", [
     ("qwen3", ["peft.method=lora", "peft.lora.targets=[q_proj, k_proj, up_proj]"]),
-    ("qwen3", ["peft.method=ia3", "optim.lr=5e-2"]),
     ("gpt2", ["peft.method=ia3", "peft.ia3.targets=[c_attn, mlp/c_proj]",
               "peft.ia3.feedforward=[mlp/c_proj]", "optim.lr=5e-2"]),
-], ids=["qwen3_lora", "qwen3_ia3", "gpt2_ia3"])
+], ids=["qwen3_lora", "gpt2_ia3"])
 def test_round_trip_through_hf_peft(family, words, tmp_path):
   """Train, export to PEFT (PEFT's loss = the run's), load the export back (same logits)."""
   model_dir = str(tmp_path / "model")

@@ -51,8 +51,10 @@ def check_context(spec: Method, seq_len: int, max_positions: Optional[int], wher
 
 
 def init(module, base: dict, rng: jax.Array, text_ids: Optional[list[int]] = None,
-         ctx: Optional[Context] = None) -> dict:
-  """The base parameters plus freshly initialised PEFT leaves for `module.peft`."""
+         ctx: Optional[Context] = None, paths: Optional[set] = None) -> dict:
+  """The base parameters plus freshly initialised PEFT leaves for `module.peft` (and any other
+  leaf `base` lacks, e.g. a new classification head). `paths`: all of the module's parameter
+  paths, when the caller has them (nothing is initialised when `base` holds them all)."""
   spec = module.peft
   base_flat = tree.flatten(base)
   init_rng, finish_rng = jax.random.split(rng)
@@ -63,7 +65,9 @@ def init(module, base: dict, rng: jax.Array, text_ids: Optional[list[int]] = Non
     full = tree.flatten(tree.unbox(module.init(key, tokens, tokens, tokens)["params"]))
     return {p: v for p, v in full.items() if p not in base_flat}
 
-  flat = {**base_flat, **fresh(init_rng)}
+  flat = dict(base_flat)
+  if paths is None or set(paths) - set(base_flat):
+    flat.update(fresh(init_rng))
   if ctx is None:
     ctx = Context(module.cfg, models.for_module(module), tuple(base_flat))
   return tree.unflatten(spec.finish(flat, finish_rng, text_ids, ctx))
