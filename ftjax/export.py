@@ -62,11 +62,9 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None
   if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)):
     raise UserError(f"--out: {out_dir} already exists and is not empty (choose a new directory)")
   if to == "peft" and not peft.METHODS[cfg.peft.method].peft_type:
-    why = ("peft.method none (full or partial fine-tuning) is no adapter: use --to hf"
-           if cfg.peft.method == "none" else
-           f"HF PEFT has no format for peft.method {cfg.peft.method}")
-    if cfg.peft.method == "adapter":
-      why = "bottleneck adapters have no HF PEFT format (PEFT has no such method)"
+    why = {"none": "peft.method none (full or partial fine-tuning) is no adapter: use --to hf",
+           "adapter": "bottleneck adapters have no HF PEFT format (PEFT has no such method)",
+           }.get(cfg.peft.method, f"HF PEFT has no format for peft.method {cfg.peft.method}")
     raise UserError(f"cannot export peft.method {cfg.peft.method} --to peft: {why}")
   if to == "hf" and peft.merge_refusal(cfg.peft.method):
     raise UserError(f"cannot export --to hf: {peft.merge_refusal(cfg.peft.method)}")

@@ -1,8 +1,9 @@
-"""Hugging Face checkpoints <-> ftjax parameter trees: one mapping table per model family.
+"""Hugging Face checkpoints <-> ftjax parameter trees, through each model family's table.
 
-A table row names an HF tensor and the ftjax parameter path it becomes (`{i}` is the layer
-index) and whether the matrix is transposed (torch Linear stores (out, in); ftjax kernels are
-(in, out)). Loading checks every shape against the model's abstract parameters and fails on a
+The registry (`ftjax.models`) picks the family by config.json's architecture; the family's table
+(`Family.table`, declared in its module) maps each HF tensor to an ftjax parameter path and says
+whether the matrix is transposed (torch Linear stores (out, in); ftjax kernels are (in, out)).
+Loading checks every shape against the model's abstract parameters and fails on a
 missing or unexpected tensor. Weights are read from safetensors only, never from pickles.
 """
 
