@@ -14,7 +14,7 @@ import math
 import os
 import types
 import typing
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -86,10 +86,22 @@ class PeftConfig:
 
 
 @dataclasses.dataclass
+class MixSource:
+  train: list[str] = dataclasses.field(default_factory=list)  # files or globs
+  weight: float = 1.0  # copies of the source per epoch (0.5: a seeded half; 2: each twice)
+
+
+@dataclasses.dataclass
 class DataConfig:
   # Local jsonl/json/csv/parquet/txt files, globs, or saved datasets directories (one or a list).
   train: list[str] = dataclasses.field(default_factory=list)
-  eval: list[str] = dataclasses.field(default_factory=list)  # held-out files of the same format
+  # Held-out files of the same format: a list (one eval set, `eval_loss`), or named sets
+  # {NAME: FILES, ...}, each logged as `eval_<NAME>_loss` / `eval_<NAME>_ppl` (the first named
+  # set also as `eval_loss`, which early stopping watches).
+  eval: Union[list[str], dict[str, list[str]]] = dataclasses.field(default_factory=list)
+  # Replay / mixing: more train sources, each repeated `weight` times per epoch (a fraction
+  # takes a seeded subset), added to data.train (which counts with weight 1).
+  mix: list[MixSource] = dataclasses.field(default_factory=list)
   eval_fraction: float = 0.0  # without data.eval: hold out this fraction of data.train's records
   split_seed: int = 0  # which records data.eval_fraction holds out
   format: Literal["text", "prompt_completion", "chat", "classification"] = "text"
@@ -209,6 +221,54 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass
+class PartitionRule:
+  """One rule of `partition.rules`: a selector (all given parts must hold; none: every leaf) and
+  the settings it decides for the leaves it selects (unset: a later rule decides)."""
+
+  pattern: str = ""  # a regex over parameter paths (re.search)
+  layers: str = ""  # decoder layer indices and ranges, "0-3,10"
+  kind: Literal["", "attention", "mlp", "norm", "embedding", "head"] = ""  # per model family
+  train: Optional[bool] = None
+  lr: Optional[float] = None  # a multiplier of optim.lr (and of the schedule)
+  weight_decay: Optional[float] = None  # this group's decoupled decay (0: none)
+
+
+@dataclasses.dataclass
+class LisaConfig:
+  layers: int = 0  # LISA: k decoder layers train in each window (0: off)
+  every: int = 0  # window length in steps
+
+
+@dataclasses.dataclass
+class SparseConfig:
+  density: float = 0.0  # train only this fraction of each selected tensor's entries (0: off)
+  score: Literal["grad2", "fisher"] = "grad2"  # importance: squared batch gradients | Fisher
+  warmup_steps: int = 1  # train batches scored (without updates) before training starts
+
+
+@dataclasses.dataclass
+class PartitionConfig:
+  # Ordered rules, first match wins per setting; peft.trainable / peft.frozen /
+  # optim.lr_groups / optim.no_decay follow them as more rules (see ftjax.partition).
+  rules: list[PartitionRule] = dataclasses.field(default_factory=list)
+  lisa: LisaConfig = dataclasses.field(default_factory=LisaConfig)
+  sparse: SparseConfig = dataclasses.field(default_factory=SparseConfig)
+
+
+@dataclasses.dataclass
+class EwcConfig:
+  lam: float = dataclasses.field(default=0.0, metadata={"key": "lambda"})  # 0: off
+  data: list[str] = dataclasses.field(default_factory=list)  # the data the Fisher is taken over
+  max_examples: int = 0  # 0: every example of regularize.ewc.data
+
+
+@dataclasses.dataclass
+class RegularizeConfig:
+  l2sp: float = 0.0  # lambda of lambda/2 |theta - theta_0|^2 over decayed leaves (0: off)
+  ewc: EwcConfig = dataclasses.field(default_factory=EwcConfig)
+
+
+@dataclasses.dataclass
 class Config:
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
@@ -221,6 +281,8 @@ class Config:
   distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+  partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
+  regularize: RegularizeConfig = dataclasses.field(default_factory=RegularizeConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -237,10 +299,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
       raise UserError(f"{key}: {value!r} is not one of {_type_name(tp)}")
     return value
   if origin in (typing.Union, types.UnionType):
-    args = typing.get_args(tp)
-    if value is None and type(None) in args:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if value is None and len(args) < len(typing.get_args(tp)):
       return None
-    return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if isinstance(value, dict):  # a mapping takes the dict form, if there is one
+      args = [a for a in args if typing.get_origin(a) is dict] or args
+    else:
+      args = [a for a in args if typing.get_origin(a) is not dict] or args
+    return _coerce(value, args[0], key)
+  if origin is dict:
+    if not isinstance(value, dict) or not value:
+      raise UserError(f"{key}: expected a mapping of names, got {value!r}")
+    _, item = typing.get_args(tp)
+    return {str(k): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
   if origin is list:
     if isinstance(value, str):  # a single item stands for a list of one ("" for none)
       value = [value] if value else []
@@ -268,7 +339,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
   if not isinstance(data, dict):
     raise UserError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
   hints = typing.get_type_hints(cls)
-  names = {f.name for f in dataclasses.fields(cls)}
+  names = {_key(f) for f in dataclasses.fields(cls)}
   for key in data:
     if key not in names:
       where = f"{prefix}.{key}" if prefix else str(key)
@@ -277,15 +348,20 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
       raise UserError(f"unknown key '{where}' ({hint}known: {', '.join(sorted(names))})")
   kwargs = {}
   for f in dataclasses.fields(cls):
-    if f.name not in data:
+    if _key(f) not in data:
       continue
-    key = f"{prefix}.{f.name}" if prefix else f.name
-    tp = hints[f.name]
+    key = f"{prefix}.{_key(f)}" if prefix else _key(f)
+    tp, value = hints[f.name], data[_key(f)]
     if dataclasses.is_dataclass(tp):
-      kwargs[f.name] = _build(tp, {} if data[f.name] is None else data[f.name], key)
+      kwargs[f.name] = _build(tp, {} if value is None else value, key)
     else:
-      kwargs[f.name] = _coerce(data[f.name], tp, key)
+      kwargs[f.name] = _coerce(value, tp, key)
   return cls(**kwargs)
+
+
+def _key(f: dataclasses.Field) -> str:
+  """A field's config key: its name, or `metadata["key"]` where the key is a Python keyword."""
+  return f.metadata.get("key", f.name)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -329,6 +405,27 @@ def _validate(cfg: Config) -> None:
       (cfg.distributed.num_processes >= 1, "distributed.num_processes must be >= 1"),
       (cfg.distributed.timeout_s >= 1, "distributed.timeout_s must be >= 1"),
       (cfg.train.seed >= 0, "train.seed must be >= 0"),
+      (cfg.partition.lisa.layers >= 0, "partition.lisa.layers must be >= 0"),
+      (not cfg.partition.lisa.layers or cfg.partition.lisa.every >= 1,
+       "partition.lisa.every must be >= 1 with partition.lisa.layers"),
+      (0.0 <= cfg.partition.sparse.density <= 1.0, "partition.sparse.density must be in [0, 1]"),
+      (cfg.partition.sparse.warmup_steps >= 1, "partition.sparse.warmup_steps must be >= 1"),
+      (not (cfg.partition.lisa.layers and cfg.partition.sparse.density),
+       "partition.lisa and partition.sparse cannot be combined"),
+      (all(r.lr is None or r.lr >= 0 for r in cfg.partition.rules),
+       "partition.rules: lr multipliers must be >= 0"),
+      (all(r.weight_decay is None or r.weight_decay >= 0 for r in cfg.partition.rules),
+       "partition.rules: weight_decay must be >= 0"),
+      (all(r.train is not None or r.lr is not None or r.weight_decay is not None
+           for r in cfg.partition.rules),
+       "partition.rules: each rule must set train, lr or weight_decay"),
+      (cfg.regularize.l2sp >= 0, "regularize.l2sp must be >= 0"),
+      (cfg.regularize.ewc.lam >= 0, "regularize.ewc.lambda must be >= 0"),
+      (not cfg.regularize.ewc.lam or bool(cfg.regularize.ewc.data),
+       "regularize.ewc.lambda needs regularize.ewc.data (the data of the Fisher)"),
+      (cfg.regularize.ewc.max_examples >= 0, "regularize.ewc.max_examples must be >= 0"),
+      (all(m.train and m.weight >= 0 for m in cfg.data.mix),
+       "data.mix: each source needs train files and a weight >= 0"),
       (cfg.eval.samples >= 0, "eval.samples must be >= 0"),
       (cfg.eval.max_examples >= 0, "eval.max_examples must be >= 0"),
       (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be >= 1"),
@@ -353,7 +450,7 @@ def _validate(cfg: Config) -> None:
       (cfg.peft.prompt.init != "text" or bool(cfg.peft.prompt.init_text),
        "peft.prompt.init: text needs peft.prompt.init_text"),
       (bool(cfg.model.path), "model.path is required"),
-      (bool(cfg.data.train), "data.train is required"),
+      (bool(cfg.data.train) or bool(cfg.data.mix), "data.train is required"),
       (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
       (not (cfg.data.eval and cfg.data.eval_fraction),
        "set data.eval or data.eval_fraction, not both"),
@@ -412,8 +509,15 @@ def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> C
   return cfg
 
 
-def to_dict(cfg: Config) -> dict:
-  return dataclasses.asdict(cfg)
+def to_dict(cfg: Any) -> Any:
+  """The config as plain data, keyed as in YAML (`load` reads it back)."""
+  if dataclasses.is_dataclass(cfg):
+    return {_key(f): to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+  if isinstance(cfg, list):
+    return [to_dict(v) for v in cfg]
+  if isinstance(cfg, dict):
+    return {k: to_dict(v) for k, v in cfg.items()}
+  return cfg
 
 
 def dump(cfg: Config, path: str) -> None:
