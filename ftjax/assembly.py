@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from ftjax import hf, peft, sharding, tree
-from ftjax.config import Config, PeftConfig, UserError
+from ftjax import hf, peft, rules as prules, sharding, tree
+from ftjax.config import Config, PartitionRule, PeftConfig, UserError
 from ftjax.models import Family, common
 from ftjax.peft import hf_adapter
 from ftjax.peft.base import Context, Method
@@ -95,8 +95,8 @@ class Model:
     fresh weights still train). Leaves read in bf16 that now train are converted to fp32 (from
     their bf16 values: choose the partition at `load_model` to train them from fp32)."""
     heads = {p for p in tree.flatten(self.params) if self.family.is_classifier(p)}
-    chosen = _trainable(self.peft_config, rule, self.base_paths, tree.flatten(self.params),
-                        heads | set(self.fresh))
+    chosen = _trainable(self.peft_config, rule, (), self.base_paths, tree.flatten(self.params),
+                        heads | set(self.fresh), self.family)
     flat = {p: v.astype(jnp.float32) if p in chosen else v
             for p, v in tree.flatten(self.params).items()}
     return dataclasses.replace(self, params=tree.unflatten(flat), trainable=chosen)
@@ -114,7 +114,8 @@ class Model:
     params = peft.init(module, self.params, jax.random.PRNGKey(seed), text_ids, self.context)
     flat = tree.flatten(params)
     heads = {p for p in flat if self.family.is_classifier(p)}
-    chosen = _trainable(cfg, trainable, self.base_paths, flat, heads | set(self.fresh))
+    chosen = _trainable(cfg, trainable, (), self.base_paths, flat, heads | set(self.fresh),
+                        self.family)
     if cfg.base_dtype == "bf16":
       flat.update({p: v.astype(jnp.bfloat16) for p, v in flat.items()
                    if p in self.base_paths and p not in chosen})
@@ -126,7 +127,7 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
                trainable: Any = None, compute: str = "auto", num_labels: int = 0,
                seed: int = 0, mesh: Optional[jax.sharding.Mesh] = None, remat: str = "none",
                attention: str = "auto", tokenizer: Any = None, seq_len: int = 0,
-               init_from: Optional[str] = None) -> Model:
+               init_from: Optional[str] = None, rules: Sequence[PartitionRule] = ()) -> Model:
   """Loads an HF model directory and adds a PEFT method.
 
   Args:
@@ -147,11 +148,74 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
     seq_len: the longest sequence, checked against the context (0: not checked).
     init_from: an HF PEFT adapter directory whose weights (and settings) start the method;
       default `peft_config.init_from`.
+    rules: `partition.rules` (PartitionRule), ahead of `peft_config.frozen` / `.trainable`
+      (see ftjax.partition); not with `trainable`.
 
   Raises:
     UserError: for a directory that is not a model, a rule that selects nothing, an adapter
       that does not fit.
   """
+  pl = plan(model_dir, peft_config, trainable=trainable, rules=rules, compute=compute,
+            num_labels=num_labels, remat=remat, attention=attention, seq_len=seq_len,
+            init_from=init_from)
+  cfg, spec, module, shapes, family = pl.peft_config, pl.spec, pl.module, pl.shapes, pl.family
+  base_paths, chosen, heads, model_cfg, hf_cfg = (pl.base_paths, pl.trainable, pl.heads,
+                                                  pl.config, pl.hf_config)
+  dtype = compute_dtype(compute)
+  dtypes = {p: jnp.bfloat16 for p in base_paths if p not in chosen} \
+      if cfg.base_dtype == "bf16" else {}
+  # Soft prompts start from rows of the fp32 embedding table; it is converted after that.
+  late = {family.embedding} & set(dtypes) if spec.prompt_len else set()
+  dtypes = {p: d for p, d in dtypes.items() if p not in late}
+  layout = sharding.param_shardings(module, mesh) if mesh is not None else None
+  loaded = hf.load(model_dir, dtype, shardings=layout, num_labels=num_labels, dtypes=dtypes,
+                   expected=pl.base_shapes)
+  fresh = loaded.fresh
+  if fresh:  # e.g. BERT's pooler: initialised here, so not frozen base weights
+    base_paths = [p for p in base_paths if p not in fresh]
+    chosen = _trainable(cfg, trainable, rules, base_paths, shapes, heads | set(fresh), family)
+  text_ids = _prompt_text(spec, cfg, tokenizer)
+  params = peft.init(module, loaded.params, jax.random.PRNGKey(seed), text_ids,
+                     Context(model_cfg, family, tuple(base_paths)), set(shapes))
+  del loaded  # the only reference to the base tree is now `params`
+  flat = tree.flatten(params)
+  flat.update({p: flat[p].astype(jnp.bfloat16) for p in late})
+  for path, value in pl.from_adapter.items():
+    if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
+      got = tuple(flat[path].shape) if path in flat else "no such parameter"
+      raise UserError(f"peft.init_from: tensor for '{path}' has shape {tuple(value.shape)}, "
+                      f"this model has {got}")
+    flat[path] = jnp.asarray(value, flat[path].dtype)
+  if layout is not None:  # PEFT leaves join their layers' shards (base leaves are there)
+    flat = {p: jax.device_put(v, layout[p]) for p, v in flat.items()}
+  return Model(module, tree.unflatten(flat), chosen, base_paths, model_cfg, hf_cfg, family,
+               model_dir, cfg, fresh, layout)
+
+
+@dataclasses.dataclass
+class Plan:
+  """A model before its weights are read: the module with its PEFT method, every parameter's
+  shape, and the partition."""
+
+  module: Any
+  spec: Method
+  peft_config: PeftConfig  # as resolved (peft.init_from's settings and trained modules)
+  base_paths: list
+  base_shapes: dict  # {path: ShapeDtypeStruct} of the checkpoint's base model
+  shapes: dict  # {path: ShapeDtypeStruct} of every parameter, PEFT leaves included
+  heads: set  # classification-head paths (always trained)
+  trainable: set
+  family: Family
+  config: Any
+  hf_config: dict
+  from_adapter: dict  # peft.init_from's tensors by path
+
+
+def plan(model_dir: str, peft_config: Optional[PeftConfig] = None, *, trainable: Any = None,
+         rules: Sequence[PartitionRule] = (), compute: str = "auto", num_labels: int = 0,
+         remat: str = "none", attention: str = "auto", seq_len: int = 0,
+         init_from: Optional[str] = None) -> Plan:
+  """Everything `load_model` decides before reading weights (arguments as there)."""
   cfg = dataclasses.replace(peft_config or PeftConfig())
   init_from = cfg.init_from if init_from is None else init_from
   dtype = compute_dtype(compute)
@@ -178,38 +242,11 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
                      or hf_cfg.get("max_position_embeddings"), model_dir)
   module = base.clone(peft=spec, remat=remat,
                       attention=common.attention_impl(attention, dtype, packing=False))
-  # The partition first, from shapes alone: the weights are then read in their final dtype.
   shapes = tree.flatten(hf.abstract_params(module))
   heads = {p for p in shapes if family.is_classifier(p)}
-  chosen = _trainable(cfg, trainable, base_paths, shapes, heads)
-  dtypes = {p: jnp.bfloat16 for p in base_paths if p not in chosen} \
-      if cfg.base_dtype == "bf16" else {}
-  # Soft prompts start from rows of the fp32 embedding table; it is converted after that.
-  late = {family.embedding} & set(dtypes) if spec.prompt_len else set()
-  dtypes = {p: d for p, d in dtypes.items() if p not in late}
-  layout = sharding.param_shardings(module, mesh) if mesh is not None else None
-  loaded = hf.load(model_dir, dtype, shardings=layout, num_labels=num_labels, dtypes=dtypes,
-                   expected=base_shapes)
-  fresh = loaded.fresh
-  if fresh:  # e.g. BERT's pooler: initialised here, so not frozen base weights
-    base_paths = [p for p in base_paths if p not in fresh]
-    chosen = _trainable(cfg, trainable, base_paths, shapes, heads | set(fresh))
-  text_ids = _prompt_text(spec, cfg, tokenizer)
-  params = peft.init(module, loaded.params, jax.random.PRNGKey(seed), text_ids,
-                     Context(model_cfg, family, tuple(base_paths)), set(shapes))
-  del loaded  # the only reference to the base tree is now `params`
-  flat = tree.flatten(params)
-  flat.update({p: flat[p].astype(jnp.bfloat16) for p in late})
-  for path, value in from_adapter.items():
-    if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
-      got = tuple(flat[path].shape) if path in flat else "no such parameter"
-      raise UserError(f"peft.init_from: tensor for '{path}' has shape {tuple(value.shape)}, "
-                      f"this model has {got}")
-    flat[path] = jnp.asarray(value, flat[path].dtype)
-  if layout is not None:  # PEFT leaves join their layers' shards (base leaves are there)
-    flat = {p: jax.device_put(v, layout[p]) for p, v in flat.items()}
-  return Model(module, tree.unflatten(flat), chosen, base_paths, model_cfg, hf_cfg, family,
-               model_dir, cfg, fresh, layout)
+  chosen = _trainable(cfg, trainable, rules, base_paths, shapes, heads, family)
+  return Plan(module, spec, cfg, base_paths, base_shapes, shapes, heads, chosen, family,
+              model_cfg, hf_cfg, from_adapter)
 
 
 def _prompt_text(spec: Method, cfg: PeftConfig, tokenizer: Any) -> Optional[list[int]]:
@@ -224,13 +261,18 @@ def _prompt_text(spec: Method, cfg: PeftConfig, tokenizer: Any) -> Optional[list
   return text_ids
 
 
-def _trainable(cfg: PeftConfig, rule: Any, base_paths: list[str], shapes: dict,
-               always: set[str]) -> set[str]:
-  """The trained paths: without a rule the method's own leaves plus `cfg.trainable`, minus
-  `cfg.frozen`; with one, its choice plus `always` (a classification head and weights the
-  checkpoint lacked, which start freshly initialised)."""
+def _trainable(cfg: PeftConfig, rule: Any, rules: Sequence[PartitionRule], base_paths: list[str],
+               shapes: dict, always: set[str], family: Family) -> set[str]:
+  """The trained paths: without a rule, the partition of `rules` then peft.frozen /
+  peft.trainable (see ftjax.partition); with one, its choice plus `always` (a classification
+  head and weights the checkpoint lacked, which start freshly initialised)."""
   if rule is None:
-    return peft.trainable_paths(cfg, base_paths, tree.unflatten(shapes))
+    decisions = prules.decide(prules.user_rules(rules) + prules.sugar(cfg, None), shapes,
+                              family, base_paths=base_paths, method=cfg.method,
+                              check=("all", "base"))
+    return {p for p, d in decisions.items() if d.train}
+  if rules:
+    raise UserError("load_model: give a trainable rule or partition rules, not both")
   chosen = tree.select(rule, shapes, "trainable")
   if not chosen:
     raise UserError("trainable: the rule chooses no parameter")
@@ -240,14 +282,26 @@ def _trainable(cfg: PeftConfig, rule: Any, base_paths: list[str], shapes: dict,
 def from_config(cfg: Config, tokenizer: Any = None, mesh: Optional[jax.sharding.Mesh] = None,
                 skip_init_from: bool = False) -> Model:
   """`load_model` with a run config's settings (model, peft, precision, data, train)."""
+  return load_model(cfg.model.path, cfg.peft, mesh=mesh, tokenizer=tokenizer, seed=cfg.train.seed,
+                    **_config_args(cfg, skip_init_from))
+
+
+def _config_args(cfg: Config, skip_init_from: bool = False) -> dict:
   num_labels = len(cfg.data.labels) if cfg.data.format == "classification" else 0
   dtype = compute_dtype(cfg.precision.compute)
-  return load_model(
-      cfg.model.path, cfg.peft, compute=cfg.precision.compute, num_labels=num_labels,
-      seed=cfg.train.seed, mesh=mesh, remat=cfg.train.remat,
-      attention=common.attention_impl(cfg.model.attention, dtype, cfg.data.packing),
-      tokenizer=tokenizer, seq_len=cfg.data.seq_len,
-      init_from="" if skip_init_from else None)
+  return dict(compute=cfg.precision.compute, num_labels=num_labels, remat=cfg.train.remat,
+              attention=common.attention_impl(cfg.model.attention, dtype, cfg.data.packing),
+              seq_len=cfg.data.seq_len, init_from="" if skip_init_from else None,
+              rules=cfg.partition.rules)
+
+
+def plan_from_config(cfg: Config) -> Plan:
+  """`plan` with a run config's settings (classification needs `data.labels` resolved; without
+  them the head is planned for 2 labels)."""
+  args = _config_args(cfg)
+  if cfg.data.format == "classification" and not args["num_labels"]:
+    args["num_labels"] = 2
+  return plan(cfg.model.path, cfg.peft, **args)
 
 
 def save_adapter(model: Model, params: dict, out_dir: str, task_type: str = "CAUSAL_LM") -> str:

@@ -4,8 +4,9 @@
       -> decoupled, masked weight decay -> -lr(step) -> per-leaf lr multipliers
 
 Weight decay is decoupled (p -= lr * wd * p, as torch's AdamW) and masked: leaves whose path
-matches an `optim.no_decay` regex (norms, biases, embeddings by default) are not decayed. `adam`
-adds the decay to the gradient instead (L2, as torch's Adam). The schedule is a pure function of
+matches an `optim.no_decay` regex (norms, biases, embeddings by default) are not decayed, and
+`partition.rules` may set a leaf's decay (see ftjax.partition). `adam` adds the decay to the
+gradient instead (L2, as torch's Adam). The schedule is a pure function of
 the step, so the learning rate logged for a step is the one its update used.
 
 Per-leaf multipliers give layer-wise learning rates: `lr_groups` (regex -> peak lr), a per-layer
@@ -16,14 +17,17 @@ schedule, and the weight decay with it, as torch's parameter groups do.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from ftjax import dynamic as dynamic_lib
+from ftjax import rules as prules
 from ftjax import tree
-from ftjax.config import OptimConfig
+from ftjax.config import OptimConfig, PartitionConfig, PartitionRule
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -48,11 +52,34 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([warmup, main], [cfg.warmup_steps])
 
 
-def decay_mask(cfg: OptimConfig, params: dict) -> dict:
-  """True for leaves that get weight decay: every leaf no `no_decay` pattern finds."""
-  paths = set(tree.flatten(params))
-  exempt = tree.match(cfg.no_decay, paths, "optim.no_decay", strict=False)
-  return tree.mask(params, paths - exempt)
+def decisions(cfg: OptimConfig, paths: list[str], family=None,
+              rules: Sequence[PartitionRule] = ()) -> dict[str, prules.Decision]:
+  """Each trainable leaf's lr multiplier and weight decay: `rules` (partition.rules) first, then
+  optim.lr_groups and optim.no_decay (see ftjax.partition)."""
+  return prules.decide(prules.user_rules(rules) + prules.sugar(None, cfg), paths, family,
+                       base_paths=(), method="lora", weight_decay=cfg.weight_decay,
+                       check=("trainable",))
+
+
+def decay_mask(cfg: OptimConfig, params: dict, family=None,
+               rules: Sequence[PartitionRule] = ()) -> dict:
+  """True for leaves that get weight decay (a decay > 0 after the rules and `no_decay`; with
+  optim.weight_decay 0, those that would get one)."""
+  cfg = dataclasses.replace(cfg, weight_decay=cfg.weight_decay or 1.0)
+  found = decisions(cfg, list(tree.flatten(params)), family, rules)
+  return tree.unflatten({p: d.weight_decay > 0 for p, d in found.items()})
+
+
+def decayed_weights(coefficients: dict[str, float]) -> optax.GradientTransformation:
+  """Decoupled weight decay with one coefficient per leaf path (0: none): u + c * p, as
+  `optax.add_decayed_weights` computes it for one coefficient."""
+  def update(updates, state, params):
+    if params is None:
+      raise ValueError("decayed_weights needs the parameters")
+    flat_u, flat_p = tree.flatten(updates), tree.flatten(params)
+    return tree.unflatten({k: u + coefficients[k] * flat_p[k] if coefficients[k] else u
+                           for k, u in flat_u.items()}), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def _depth(path: str, num_layers: int, layer_index: Callable[[str], Optional[int]],
@@ -64,15 +91,14 @@ def _depth(path: str, num_layers: int, layer_index: Callable[[str], Optional[int
   return 0 if is_embedding(path) else num_layers + 1
 
 
-def lr_multipliers(cfg: OptimConfig, paths: list[str], num_layers: int, family=None
-                   ) -> dict[str, float]:
+def lr_multipliers(cfg: OptimConfig, paths: list[str], num_layers: int, family=None,
+                   rules: Sequence[PartitionRule] = ()) -> dict[str, float]:
   """Each trainable leaf's learning rate relative to `optim.lr` (see the module docstring).
   `family` (ftjax.models.Family) says where a leaf sits for `layer_decay`."""
-  groups = tree.label([(g.pattern, g.lr / cfg.lr) for g in cfg.lr_groups], paths,
-                      "optim.lr_groups (over trainable parameters)", default=1.0)
+  found = decisions(cfg, paths, family, rules)
   out = {}
   for path in paths:
-    m = groups[path]
+    m = found[path].lr
     if cfg.layer_decay != 1.0:
       if family is None:
         raise ValueError("optim.layer_decay needs the model family")
@@ -101,19 +127,48 @@ def _direction(cfg: OptimConfig, decay: optax.GradientTransformation
   return [optax.scale_by_factored_rms(), optax.clip_by_block_rms(1.0), decay]
 
 
-def build(cfg: OptimConfig, total_steps: int, params: dict, num_layers: int = 0, family=None
+def build(cfg: OptimConfig, total_steps: int, params: dict, num_layers: int = 0, family=None, *,
+          rules: Sequence[PartitionRule] = (), dynamic: Optional[PartitionConfig] = None,
+          seed: int = 0, first: Sequence[optax.GradientTransformation] = ()
           ) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
-  """Returns (the gradient transformation for `params`, the learning-rate schedule); `family`
-  (ftjax.models.Family) places leaves in layers for `optim.layer_decay`."""
+  """Returns (the gradient transformation for `params`, the learning-rate schedule).
+
+  Args:
+    cfg: the `optim` section.
+    total_steps: the schedule's length.
+    params: the trainable parameters (or their shapes).
+    num_layers, family: where leaves sit (ftjax.models.Family), for `optim.layer_decay`,
+      layer and kind selectors, and LISA.
+    rules: `partition.rules`, which may set lr multipliers and weight decay per leaf.
+    dynamic: `partition` with `lisa` or `sparse` set: the chain is wrapped so that only the
+      window's layers (ftjax.dynamic.lisa) or the chosen entries (ftjax.dynamic.sparse) update.
+    seed: LISA's layer choices.
+    first: transforms ahead of clipping, on the raw gradient (e.g. ftjax.regularize's L2-SP
+      and EWC terms).
+  """
   lr = schedule(cfg, total_steps)
-  flat = tree.flatten(params)
-  decay = optax.add_decayed_weights(cfg.weight_decay, decay_mask(cfg, params)) \
-      if cfg.weight_decay else optax.identity()
-  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+  paths = list(tree.flatten(params))
+  found = decisions(cfg, paths, family, rules)
+  coefficients = {p: d.weight_decay for p, d in found.items()}
+  if any(coefficients.values()):
+    values = set(coefficients.values()) - {0.0}
+    decay = optax.add_decayed_weights(values.pop(), tree.unflatten(
+        {p: c > 0 for p, c in coefficients.items()})) if len(values) == 1 \
+        else decayed_weights(coefficients)
+  else:
+    decay = optax.identity()
+  parts = list(first)
+  parts += [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
   parts += _direction(cfg, decay)
   parts.append(optax.scale_by_learning_rate(lr))
-  scales = lr_multipliers(cfg, list(flat), num_layers, family)
+  scales = lr_multipliers(cfg, paths, num_layers, family, rules)
   if any(m != 1.0 for m in scales.values()):
     factors = tree.unflatten({p: jnp.float32(m) for p, m in scales.items()})
     parts.append(optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, factors)))
-  return optax.chain(*parts), lr
+  tx = optax.chain(*parts)
+  if dynamic is not None and dynamic.lisa.layers:
+    tx = dynamic_lib.lisa(tx, {p: family.layer_index(p) for p in paths}, num_layers,
+                          dynamic.lisa.layers, dynamic.lisa.every, seed)
+  elif dynamic is not None and dynamic.sparse.density:
+    tx = dynamic_lib.sparse(tx, dynamic.sparse.density)
+  return tx, lr

@@ -99,12 +99,12 @@ def missing_accelerator() -> Optional[str]:
   return None
 
 
-def _spec(logical: Any, shape: tuple, mesh: Mesh) -> P:
+def _spec(logical: Any, shape: tuple, sizes: dict) -> P:
   names = tuple(logical) if isinstance(logical, P) else ()
   out, used = [], set()
   for dim, name in zip(shape, names + (None,) * (len(shape) - len(names))):
     axis = RULES.get(name) if name else None
-    if axis and axis not in used and mesh.shape[axis] > 1 and dim % mesh.shape[axis] == 0:
+    if axis and axis not in used and sizes[axis] > 1 and dim % sizes[axis] == 0:
       out.append(axis)
       used.add(axis)
     else:
@@ -112,14 +112,25 @@ def _spec(logical: Any, shape: tuple, mesh: Mesh) -> P:
   return P(*out)
 
 
-def param_shardings(module: Any, mesh: Mesh) -> dict[str, NamedSharding]:
-  """{path: NamedSharding} for every parameter of `module`, from its logical axis names."""
+def mesh_axes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+  """{axis: size} of the config's mesh over `num_devices` devices (no devices needed)."""
+  return dict(zip(AXES, mesh_shape(cfg, num_devices)))
+
+
+def param_specs(module: Any, sizes: dict[str, int]) -> dict[str, P]:
+  """{path: PartitionSpec} of every parameter of `module` on a mesh of these axis sizes, from
+  the parameters' logical axis names."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, tokens, tokens))
   logical = tree.flatten(nn.get_partition_spec(boxed["params"]))
   shapes = tree.flatten(tree.unbox(boxed["params"]))
-  return {p: NamedSharding(mesh, _spec(logical.get(p), tuple(v.shape), mesh))
-          for p, v in shapes.items()}
+  return {p: _spec(logical.get(p), tuple(v.shape), sizes) for p, v in shapes.items()}
+
+
+def param_shardings(module: Any, mesh: Mesh) -> dict[str, NamedSharding]:
+  """{path: NamedSharding} for every parameter of `module`, from its logical axis names."""
+  return {p: NamedSharding(mesh, spec)
+          for p, spec in param_specs(module, dict(mesh.shape)).items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

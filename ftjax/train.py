@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import (assembly, checkpoint, config, data, evaluation, hf, loop, loss, metrics, optim,
-                   sharding, step, tree)
+from ftjax import (assembly, checkpoint, config, data, dynamic, evaluation, hf, loop, loss,
+                   metrics, optim, partition, sharding, step, tree)
 from ftjax.config import Config, UserError
 
 logger = logging.getLogger("ftjax.train")  # not __main__ under python -m
@@ -249,8 +249,10 @@ def _setup(cfg: Config, d: Data) -> Setup:
               f"{n_train:,} trainable ({100 * n_train / n_total:.3g}%), compute "
               f"{jnp.dtype(dtype).name}, optimizer {cfg.optim.name}; {len(d.train)} train / "
               f"{len(d.eval)} eval examples")
+  logger.info(partition.report(cfg).summary())
   tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, params, model.config.num_layers,
-                                model.family)
+                                model.family, rules=cfg.partition.rules, dynamic=cfg.partition,
+                                seed=cfg.train.seed)
   fp16 = cfg.precision.compute == "fp16"
   state = step.init_state(params, tx, cfg.train.seed, cfg.precision.loss_scale if fp16 else 1.0)
   state_sh = sharding.state_shardings(state, params_sh, tx, mesh)
@@ -319,6 +321,10 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
   if main:
     config.dump(cfg, os.path.join(out_dir, "config.yaml"))
   log = metrics.MetricsLog(out_dir, result.start_step, enabled=main)
+  loss_fn = None
+  if not restored and cfg.partition.sparse.density:
+    loss_fn = loss_for(cfg, model)
+    state = _choose_sparse(cfg, d, state, frozen, loss_fn, mesh)
 
   apply_fn = loss.logits_fn(model.module)
   batch_sh = sharding.batch_sharding(mesh, 3)
@@ -326,7 +332,8 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
   if cfg.distill.teacher:
     distill, teacher, teacher_sh = _teacher(cfg, d.tokenizer, model.config,
                                             compute_dtype(cfg.precision.compute), mesh)
-  jitted = jax.jit(functools.partial(step.train_step, loss_fn=loss_for(cfg, model, distill),
+  jitted = jax.jit(functools.partial(step.train_step,
+                                     loss_fn=loss_fn or loss_for(cfg, model, distill),
                                      tx=setup.tx,
                                      dynamic_scale=cfg.precision.compute == "fp16",
                                      scale_period=cfg.precision.loss_scale_period),
@@ -375,6 +382,26 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
     log.close()
   result.plot = metrics.plot(out_dir) if main else None
   return result
+
+
+def _choose_sparse(cfg: Config, d: Data, state: step.TrainState, frozen: dict,
+                   loss_fn: loss.LossFn, mesh) -> step.TrainState:
+  """partition.sparse: scores the first `warmup_steps` batches of the data order (no update),
+  then keeps the top `density` of each trainable tensor's entries in the optimizer state."""
+  sparse = cfg.partition.sparse
+  batch_sh = sharding.batch_sharding(mesh, 2)
+  batches = (sharding.put_batch(d.batches.get(s), batch_sh) for s in range(sparse.warmup_steps))
+  if sparse.score == "fisher":
+    from ftjax import regularize  # pylint: disable=import-outside-toplevel
+    scores = regularize.fisher(loss_fn, state.params, frozen, batches)
+  else:
+    scores = dynamic.scores_grad2(loss_fn, state.params, frozen, batches)
+  index = dynamic.top_entries(scores, sparse.density)
+  chosen = sum(int(i.size) for i in jax.tree.leaves(index))
+  logger.info(f"partition.sparse: scored {sparse.warmup_steps} batch(es) by {sparse.score}; "
+              f"{chosen:,} of {tree.count(state.params):,} trainable entries train "
+              f"(density {sparse.density:g})")
+  return state.replace(opt_state=dynamic.with_index(state.opt_state, index))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

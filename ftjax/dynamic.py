@@ -1,0 +1,160 @@
+"""Dynamic partitions inside the jitted step: which parameters update is data, not code.
+
+Both are Optax wrappers around the run's chain, so the train step is compiled once:
+
+- `lisa(inner, ...)`: LISA (Pan et al. 2024, "Layerwise Importance Sampled AdamW"). Updates
+  are counted in windows of `every`; in each window a seeded random choice of `k` decoder
+  layers trains. Leaves of the other layers get a zero update, their gradients are left out of
+  the chain (so clipping's global norm is the window's), and their optimizer state is kept as it
+  was, bit for bit. Leaves outside the layers (embedding, final norm, head) keep their rules.
+  The choice is a pure function of (seed, window index), and the window's layer mask is kept in
+  the state, so resuming reproduces it. LMFlow's LISA rebuilds the optimizer at each switch and
+  keeps the frozen layers' state; here nothing is rebuilt and nothing of the idle layers moves.
+  Each layer's Adam bias correction uses the count of all updates, not its own.
+- `sparse(inner, density)`: sparse fine-tuning by importance (as FISH masks, Sung et al. 2021):
+  of each trainable tensor only its top `density` fraction of entries, by a score, trains. The
+  chosen flat indices live in the state (`SparseState.index`, filled by `with_index` once the
+  scores are known); the inner chain runs on the gathered entries only, so its state (Adam's
+  moments) is `density` of the dense size plus 4 bytes of index per entry: the optimizer-state
+  bytes `ftjax.partition` reports are these. Clipping sees the chosen entries' gradient norm.
+  Until `with_index` is called no parameter moves. `scores_grad2` and `ftjax.regularize.fisher`
+  give the scores; the train CLI scores the first `partition.sparse.warmup_steps` batches of
+  the data order before step 1 (no update happens while scoring).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ftjax import tree
+
+
+class LisaState(NamedTuple):
+  inner: Any
+  count: jax.Array  # updates so far
+  layers: jax.Array  # bool (num_layers,): the layers the current window trains
+
+
+def lisa_layers(count: jax.Array, num_layers: int, k: int, every: int, seed: int) -> jax.Array:
+  """The bool mask of the layers that train at update `count` (0-based)."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), count // every)
+  chosen = jax.random.choice(key, num_layers, (min(k, num_layers),), replace=False)
+  return jnp.zeros((num_layers,), bool).at[chosen].set(True)
+
+
+def _state_mask(inner: optax.GradientTransformation, state: Any, mask: dict) -> Any:
+  """A tree like `state`: each param-shaped leaf gets its parameter's mask, the rest True."""
+  return optax.tree_utils.tree_map_params(inner, lambda _, m: m, state, mask,
+                                          transform_non_params=lambda _: jnp.bool_(True))
+
+
+def lisa(inner: optax.GradientTransformation, layer_of: dict[str, Optional[int]],
+         num_layers: int, k: int, every: int, seed: int = 0) -> optax.GradientTransformation:
+  """`inner` restricted, window by window, to `k` random decoder layers (see the module
+  docstring). `layer_of` maps each trainable leaf's path to its layer (None: outside layers)."""
+  def masks(count):
+    on = lisa_layers(count, num_layers, k, every, seed)
+    flat = {p: (on[i] if i is not None else jnp.bool_(True)) for p, i in layer_of.items()}
+    return on, tree.unflatten(flat)
+
+  def init(params):
+    return LisaState(inner.init(params), jnp.zeros((), jnp.int32),
+                     lisa_layers(jnp.zeros((), jnp.int32), num_layers, k, every, seed))
+
+  def update(grads, state, params=None):
+    on, mask = masks(state.count)
+    zero = lambda x, m: jnp.where(m, x, jnp.zeros_like(x))
+    grads = jax.tree.map(zero, grads, mask)
+    updates, new_inner = inner.update(grads, state.inner, params)
+    updates = jax.tree.map(zero, updates, mask)
+    keep = _state_mask(inner, new_inner, mask)
+    new_inner = jax.tree.map(lambda n, o, m: jnp.where(m, n, o), new_inner, state.inner, keep)
+    return updates, LisaState(new_inner, state.count + 1, on)
+
+  return optax.GradientTransformation(init, update)
+
+
+class SparseState(NamedTuple):
+  inner: Any  # the inner chain's state over the chosen entries (1-D leaves)
+  index: Any  # per leaf: int32 (k,) flat indices of the chosen entries
+  ready: jax.Array  # whether `index` has been chosen (no update before)
+
+
+def sparse_size(size: int, density: float) -> int:
+  """How many entries of a tensor of `size` entries train: round(density * size), at least 1."""
+  return max(1, min(size, int(round(density * size))))
+
+
+def sparse(inner: optax.GradientTransformation, density: float) -> optax.GradientTransformation:
+  """`inner` over the top `density` fraction of each leaf's entries (see the module
+  docstring); the entries are chosen by `with_index`."""
+  def gather(x, idx):
+    return x.reshape(-1)[idx]
+
+  def init(params):
+    picked = jax.tree.map(lambda p: jnp.zeros((sparse_size(p.size, density),), p.dtype), params)
+    index = jax.tree.map(lambda p: jnp.zeros((sparse_size(p.size, density),), jnp.int32), params)
+    return SparseState(inner.init(picked), index, jnp.zeros((), bool))
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("sparse needs the parameters")
+    g = jax.tree.map(gather, grads, state.index)
+    p = jax.tree.map(gather, params, state.index)
+    u, new_inner = inner.update(g, state.inner, p)
+    scatter = lambda full, idx, v: jnp.zeros(full.size, v.dtype).at[idx].set(
+        jnp.where(state.ready, v, 0)).reshape(full.shape)
+    updates = jax.tree.map(scatter, params, state.index, u)
+    new_inner = jax.tree.map(lambda n, o: jnp.where(state.ready, n, o), new_inner, state.inner)
+    return updates, state._replace(inner=new_inner)
+
+  return optax.GradientTransformation(init, update)
+
+
+def top_entries(scores: dict, density: float) -> dict:
+  """Per leaf, the flat indices of its `sparse_size` highest scores (sorted ascending)."""
+  def top(s):
+    k = sparse_size(s.size, density)
+    _, idx = jax.lax.top_k(s.reshape(-1).astype(jnp.float32), k)
+    return jnp.sort(idx.astype(jnp.int32))
+  return jax.tree.map(top, scores)
+
+
+def with_index(opt_state: SparseState, index: dict) -> SparseState:
+  """The sparse state with its entries chosen: from here on they (and only they) train."""
+  index = jax.tree.map(lambda new, old: jax.device_put(new.astype(jnp.int32), old.sharding)
+                       if isinstance(old, jax.Array) else new, index, opt_state.index)
+  return opt_state._replace(index=index, ready=jnp.ones((), bool))
+
+
+def mask_of(opt_state: SparseState, params: dict) -> dict:
+  """A bool tree like `params`: True at the entries that train."""
+  def mask(p, idx):
+    return np.isin(np.arange(p.size), np.asarray(idx)).reshape(p.shape)
+  return jax.tree.map(mask, params, opt_state.index)
+
+
+def scores_grad2(loss_fn: Callable, params: dict, frozen: dict, batches, context: Any = None
+                 ) -> dict:
+  """Importance `grad2`: the sum over batches of each entry's squared batch gradient (the
+  gradient the train step takes: the batch's summed loss over its trained tokens)."""
+  from ftjax import step  # pylint: disable=import-outside-toplevel
+
+  @jax.jit
+  def one(params, frozen, batch):
+    micro = {k: v[None] for k, v in batch.items()}
+    grads, _, aux = step.accumulate(params, frozen, micro, jax.random.PRNGKey(0), loss_fn,
+                                    context=context)
+    denom = jnp.maximum(aux["tokens"], 1.0)
+    return jax.tree.map(lambda g: jnp.square(g / denom), grads)
+
+  total = None
+  for batch in batches:
+    sq = one(params, frozen, batch)
+    total = sq if total is None else jax.tree.map(jnp.add, total, sq)
+  return total
