@@ -2,7 +2,8 @@
 
 `MetricsLog` appends one JSON object per logged step to metrics.jsonl and mirrors each number to
 TensorBoard; a resumed run first drops the records past its checkpoint (they will be redone).
-`plot` draws train/eval loss and the learning rate into loss.png at the end of a run. Library
+`plot` draws train loss, each eval set's loss and the learning rate into loss.png at the end of a
+run. Library
 code logs to the `ftjax` logger, which says nothing unless asked: the CLIs call `console()`
 (info to stdout, warnings to stderr), and a run writes everything, tracebacks of the problems it
 reports in one line included, to `<output_dir>/train.log` (`log_file`).
@@ -115,14 +116,19 @@ def plot(output_dir: str) -> Optional[str]:
   with open(os.path.join(output_dir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f if line.strip()]
   train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
   if not train:
     return None
+  # named eval sets (eval_<name>_loss) each get a curve; else the one eval_loss
+  names = sorted({k[5:-5] for r in records for k in r
+                  if k.startswith("eval_") and k.endswith("_loss") and k != "eval_loss"})
+  keys = [(f"eval_{n}_loss", f"eval loss: {n}") for n in names] or [("eval_loss", "eval loss")]
   fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
                                   gridspec_kw={"height_ratios": [3, 1]})
   ax.plot(*zip(*train), label="train loss", lw=1)
-  if evals:
-    ax.plot(*zip(*evals), "o-", label="eval loss")
+  for key, name in keys:
+    evals = [(r["step"], r[key]) for r in records if key in r]
+    if evals:
+      ax.plot(*zip(*evals), "o-", label=name)
   ax.set_ylabel("loss")
   ax.legend()
   ax.grid(alpha=0.3)

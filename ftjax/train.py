@@ -80,8 +80,13 @@ class Data:
 
   tokenizer: Any
   train: list
-  eval: list
+  evals: dict  # {name: examples}: data.eval's sets ("" for the unnamed one)
   batches: data.Batches
+
+  @property
+  def eval(self) -> list:
+    """The first eval set's examples (early stopping and eval.samples use it)."""
+    return next(iter(self.evals.values()), [])
 
   @property
   def pad_id(self) -> int:
@@ -203,18 +208,18 @@ def _data(cfg: Config) -> Data:
   if classify:
     cfg.data.labels = list(loaded.labels)  # config.yaml records the label order
   train_examples = loaded.train.examples
-  eval_examples = loaded.eval.examples if loaded.eval else []
   logger.info(loaded.train.stats.describe("data.train", len(train_examples)))
-  if loaded.eval:
-    logger.info(loaded.eval.stats.describe("data.eval", len(eval_examples)))
-  if cfg.eval.max_examples:
-    eval_examples = eval_examples[:cfg.eval.max_examples]
+  evals = {}
+  for name, split in loaded.evals.items():
+    logger.info(split.stats.describe(f"data.eval.{name}" if name else "data.eval",
+                                     len(split.examples)))
+    evals[name] = split.examples[:cfg.eval.max_examples or None]
   if cfg.eval.samples and jax.process_count() > 1:
     raise UserError("eval.samples (generation) runs in single-process runs only")
-  if cfg.eval.patience and not eval_examples:
+  if cfg.eval.patience and not evals:
     raise UserError("eval.patience (early stopping) needs an eval set: set data.eval or "
                     "data.eval_fraction")
-  data.check_vocab(train_examples + eval_examples, model_cfg.vocab_size)
+  data.check_vocab(train_examples + [e for x in evals.values() for e in x], model_cfg.vocab_size)
   batches = data.Batches(train_examples, cfg.train.batch_size, cfg.data.seq_len,
                          tokenizer.pad_token_id, cfg.train.seed, packing=cfg.data.packing,
                          buckets=cfg.data.buckets, process_index=jax.process_index(),
@@ -226,7 +231,7 @@ def _data(cfg: Config) -> Data:
     cfg.train.steps = max(1, math.ceil(cfg.train.epochs * batches.steps_per_epoch))
     logger.info(f"train.epochs {cfg.train.epochs} = {cfg.train.steps} steps "
                 f"({batches.steps_per_epoch} per epoch)")
-  return Data(tokenizer, train_examples, eval_examples, batches)
+  return Data(tokenizer, train_examples, evals, batches)
 
 
 def _setup(cfg: Config, d: Data) -> Setup:
@@ -248,7 +253,7 @@ def _setup(cfg: Config, d: Data) -> Setup:
   logger.info(f"model {cfg.model.path}: {n_total / 1e6:.2f}M parameters, peft {cfg.peft.method}, "
               f"{n_train:,} trainable ({100 * n_train / n_total:.3g}%), compute "
               f"{jnp.dtype(dtype).name}, optimizer {cfg.optim.name}; {len(d.train)} train / "
-              f"{len(d.eval)} eval examples")
+              f"{sum(len(x) for x in d.evals.values())} eval examples")
   logger.info(partition.report(cfg).summary())
   tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, params, model.config.num_layers,
                                 model.family, rules=cfg.partition.rules, dynamic=cfg.partition,
@@ -353,13 +358,22 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
     return eval_step(p, f, sharding.put_batch(batch, eval_sh))
 
   def run_eval(label: str, at: int, params: dict) -> Optional[dict]:
-    if not d.eval:
+    """Every eval set's metrics: `eval_*` for the first (or only) set, `eval_<name>_*` for
+    each named set as well."""
+    out = {}
+    for name, examples in d.evals.items():
+      got = evaluation.evaluate(eval_fn, params, frozen, examples, cfg, d.pad_id)
+      if not out:  # the first set: eval_loss (early stopping) and generation metrics
+        out.update(got)
+        if cfg.eval.samples:
+          out.update(evaluation.generated(model.module, tree.merge(params, frozen), examples,
+                                          d.tokenizer, cfg))
+      if name:
+        out.update({f"eval_{name}_{k[5:]}": v for k, v in got.items()})
+      logger.info(f"[{label} step {at}] {f'{name}: ' if name else ''}"
+                  f"{evaluation.describe(got if name else out)}")
+    if not out:
       return None
-    out = evaluation.evaluate(eval_fn, params, frozen, d.eval, cfg, d.pad_id)
-    if cfg.eval.samples:
-      out.update(evaluation.generated(model.module, tree.merge(params, frozen), d.eval,
-                                      d.tokenizer, cfg))
-    logger.info(f"[{label} step {at}] {evaluation.describe(out)}")
     result.evals[at] = out
     return out
 

@@ -22,26 +22,6 @@ def _evaluate(capsys, *words) -> dict:
   return json.loads(out.out)  # stdout is exactly one JSON object
 
 
-def _torch_loss(model, tokenizer, records) -> tuple[float, int]:
-  """Mean next-token NLL over the trained tokens, one record at a time in fp32: every token
-  after BOS for `text`, the completion and EOS for prompt/completion records."""
-  eos, nll_sum, count = tokenizer.eos_token_id, 0.0, 0
-  for r in records:
-    ids = tokenizer(r.get("text") or r["prompt"] + r["completion"])["input_ids"] + [eos]
-    start = 1
-    if "prompt" in r:
-      start = len(tokenizer(r["prompt"])["input_ids"])
-      assert tokenizer(r["prompt"] + r["completion"])["input_ids"][:start] == \
-          tokenizer(r["prompt"])["input_ids"]  # the prompt's tokens do not merge across
-    x = torch.tensor([ids])
-    with torch.no_grad():
-      logp = torch.log_softmax(model(x).logits[0, :-1].float(), dim=-1)
-    nll = -logp[torch.arange(len(ids) - 1), x[0, 1:]]
-    nll_sum += nll[start - 1:].sum().item()  # position t - 1 predicts token t
-    count += len(ids) - start
-  return nll_sum / count, count
-
-
 def _hf_model(model_dir):
   return transformers.AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
 
@@ -55,7 +35,7 @@ def test_model_loss_matches_transformers(fmt, tiny_llama_dir, tmp_path, capsys):
   path = tiny.write_jsonl(str(tmp_path / "eval.jsonl"), records)
   got = _evaluate(capsys, "--model", tiny_llama_dir, "--data", path, "--format", fmt,
                   "--batch-size", "4")
-  want, count = _torch_loss(_hf_model(tiny_llama_dir), tiny.make_tokenizer(), records)
+  want, count = tiny.torch_token_loss(_hf_model(tiny_llama_dir), tiny.make_tokenizer(), records)
   assert abs(got["loss"] - want) < 1e-4
   assert got["tokens"] == count and got["examples"] == len(records)
   assert got["ppl"] == pytest.approx(math.exp(got["loss"]), rel=1e-12)
@@ -71,8 +51,8 @@ def test_adapter_loss_matches_hf_peft_and_samples_generate(tiny_llama_dir, rever
   pm = hf_peft.get_peft_model(_hf_model(tiny_llama_dir), lora)
   pm.save_pretrained(adapter)
   records = [json.loads(line) for line in open(reverse_data[1])]
-  want, count = _torch_loss(pm.eval(), tiny.make_tokenizer(), records)
-  base, _ = _torch_loss(_hf_model(tiny_llama_dir), tiny.make_tokenizer(), records)
+  want, count = tiny.torch_token_loss(pm.eval(), tiny.make_tokenizer(), records)
+  base, _ = tiny.torch_token_loss(_hf_model(tiny_llama_dir), tiny.make_tokenizer(), records)
   got = _evaluate(capsys, "--model", tiny_llama_dir, "--adapter", adapter, "--data",
                   reverse_data[1], "--format", "prompt_completion", "--samples", "3",
                   "--max-new-tokens", "4")

@@ -102,3 +102,25 @@ def reverse_records(n: int, seed: int = 0) -> list[dict]:
     out.append({"prompt": "reverse these words: " + " ".join(picked) + " ->",
                 "completion": " " + " ".join(reversed(picked))})
   return out
+
+
+def torch_token_loss(model, tokenizer, records) -> tuple[float, int]:
+  """Mean next-token NLL over the trained tokens, one record at a time in fp32: every token
+  after BOS for `text`, the completion and EOS for prompt/completion records."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  eos, nll_sum, count = tokenizer.eos_token_id, 0.0, 0
+  for r in records:
+    ids = tokenizer(r.get("text") or r["prompt"] + r["completion"])["input_ids"] + [eos]
+    start = 1
+    if "prompt" in r:
+      start = len(tokenizer(r["prompt"])["input_ids"])
+      assert tokenizer(r["prompt"] + r["completion"])["input_ids"][:start] == \
+          tokenizer(r["prompt"])["input_ids"]  # the prompt's tokens do not merge across
+    x = torch.tensor([ids])
+    with torch.no_grad():
+      logp = torch.log_softmax(model(x).logits[0, :-1].float(), dim=-1)
+    nll = -logp[torch.arange(len(ids) - 1), x[0, 1:]]
+    nll_sum += nll[start - 1:].sum().item()  # position t - 1 predicts token t
+    count += len(ids) - start
+  return nll_sum / count, count

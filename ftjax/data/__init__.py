@@ -28,7 +28,8 @@ from ftjax.data.batches import Batches, Example, bucket_lengths, collate, eval_b
 logger = logging.getLogger(__name__)
 
 __all__ = ["Batches", "Example", "bucket_lengths", "collate", "eval_batches", "pack",
-           "load", "load_splits", "tokenize", "check_vocab", "Split", "Data"]
+           "load", "load_splits", "tokenize", "check_vocab", "Split", "Data", "eval_sets",
+           "mix_rows"]
 
 ENCODING_FIELDS = ("format", "text_field", "prompt_field", "completion_field", "messages_field",
                    "label_field", "assistant_turns", "add_eos")
@@ -73,8 +74,9 @@ class Split:
 @dataclasses.dataclass
 class Data:
   train: Split
-  eval: Optional[Split]
+  eval: Optional[Split]  # the (first) eval set
   labels: list[str]  # classification: label names by id (data.labels, or found in data.train)
+  evals: dict = dataclasses.field(default_factory=dict)  # {name: Split}; "" for the unnamed set
 
 
 @dataclasses.dataclass
@@ -235,11 +237,40 @@ def _finish(parts: list[tuple[_Encoded, np.ndarray]], cfg: DataConfig, labels: l
   return Split(examples, stats)
 
 
+def eval_sets(cfg: DataConfig) -> dict[str, list[str]]:
+  """data.eval as {name: files}: named sets as given, a list as one set named ""."""
+  if isinstance(cfg.eval, dict):
+    return dict(cfg.eval)
+  return {"": list(cfg.eval)} if cfg.eval else {}
+
+
+def mix_rows(parts: list[tuple[_Encoded, np.ndarray, float]], seed: int
+             ) -> list[tuple[_Encoded, np.ndarray]]:
+  """Each source's rows repeated `weight` times: whole copies, then a seeded subset for the
+  fraction left (the same subset every epoch), so the mixture is deterministic."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for part, rows, weight in parts:
+    whole, frac = int(weight), weight - int(weight)
+    chosen = [rows] * whole
+    if frac > 0:
+      chosen.append(np.sort(rng.permutation(rows)[:int(round(frac * len(rows)))]))
+    out.append((part, np.concatenate(chosen) if chosen else rows[:0]))
+  return out
+
+
 def load_splits(cfg: DataConfig, tokenizer: Any) -> Data:
-  """The train and eval examples of `cfg` (eval: data.eval, a data.eval_fraction of data.train,
-  or none)."""
-  train_parts = [_encode_file(p, cfg, tokenizer) for p in sources.resolve(cfg.train, "data.train")]
-  eval_files = sources.resolve(cfg.eval, "data.eval")
+  """The train and eval examples of `cfg` (eval: data.eval's sets, a data.eval_fraction of
+  data.train, or none; train: data.train plus data.mix's sources, by weight)."""
+  sources_ = [(f, 1.0, "data.train") for f in sources.resolve(cfg.train, "data.train")]
+  for i, m in enumerate(cfg.mix):
+    sources_ += [(f, m.weight, f"data.mix[{i}]")
+                 for f in sources.resolve(m.train, f"data.mix[{i}].train")]
+  train_parts = [_encode_file(f, cfg, tokenizer) for f, _, _ in sources_]
+  weights = [w for _, w, _ in sources_]
+  named = eval_sets(cfg)
+  eval_files = {name: sources.resolve(files, f"data.eval.{name}" if name else "data.eval")
+                for name, files in named.items()}
   labels = _labels(train_parts, cfg)
   train_rows = [(p, np.arange(len(p))) for p in train_parts]
   eval_rows = None
@@ -251,12 +282,17 @@ def load_splits(cfg: DataConfig, tokenizer: Any) -> Data:
     starts = np.cumsum([0] + [len(p) for p in train_parts])
     eval_rows = [(p, np.flatnonzero(held[s:s + len(p)])) for p, s in zip(train_parts, starts)]
     train_rows = [(p, np.flatnonzero(~held[s:s + len(p)])) for p, s in zip(train_parts, starts)]
+  if cfg.mix:
+    train_rows = mix_rows([(p, r, w) for (p, r), w in zip(train_rows, weights)], cfg.split_seed)
   train = _finish(train_rows, cfg, labels, "data.train", tokenizer)  # fails before eval is read
-  if eval_files:
-    eval_rows = [(p, np.arange(len(p))) for p in (_encode_file(f, cfg, tokenizer)
-                                                   for f in eval_files)]
-  evals = _finish(eval_rows, cfg, labels, "data.eval", tokenizer) if eval_rows else None
-  return Data(train, evals, labels)
+  evals = {}
+  if eval_rows:
+    evals[""] = _finish(eval_rows, cfg, labels, "data.eval", tokenizer)
+  for name, files in eval_files.items():
+    rows = [(p, np.arange(len(p))) for p in (_encode_file(f, cfg, tokenizer) for f in files)]
+    evals[name] = _finish(rows, cfg, labels, f"data.eval.{name}" if name else "data.eval",
+                          tokenizer)
+  return Data(train, next(iter(evals.values()), None), labels, evals)
 
 
 def load(paths: str | list[str], cfg: DataConfig, tokenizer: Any,

@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     hf_config, _ = hf.read_config(cfg.model.path)
     tokenizer = hf.load_tokenizer(cfg.model.path)
     loaded = data.load_splits(cfg.data, tokenizer)
-    splits = [("data.train", loaded.train)] + ([("data.eval", loaded.eval)] if loaded.eval else [])
+    splits = [("data.train", loaded.train)] + [(f"data.eval.{n}" if n else "data.eval", s)
+                                               for n, s in loaded.evals.items()]
     for _, split in splits:
       data.check_vocab(split.examples, hf_config["vocab_size"])
     lines = [f"tokenizer {cfg.model.path}: {len(tokenizer)} tokens, chat template "
