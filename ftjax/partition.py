@@ -3,9 +3,10 @@
 Before any weight is read (shapes only), a table of the parameter groups that the rules of
 ftjax.rules make: whether they train, their role (base, peft, new head), kind and layers, the
 rule that decided `train`, parameter count, optimizer-state bytes (from the optimizer's own
-state shapes, LISA and sparse wrappers included), lr multiplier and weight decay with the rules
-that set them, and sharding on the config's mesh; then totals. `--diff` lists what changes
-between two configs' partitions. `report(cfg).summary()` is the line a run logs at its start.
+state shapes: LISA and sparse wrappers, L2-SP's θ₀, EWC's θ₀ and Fisher included), lr
+multiplier and weight decay with the rules that set them, and sharding on the config's mesh;
+then totals. `--diff` lists what changes between two configs' partitions.
+`report(cfg).summary()` is the line a run logs at its start.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax
 import numpy as np
 import optax
 
-from ftjax import assembly, optim, sharding, tree
+from ftjax import assembly, optim, regularize, sharding, tree
 from ftjax.config import Config, UserError
 from ftjax.rules import Decision, for_config, ranges  # noqa: F401  (Decision: re-exported)
 
@@ -107,6 +108,16 @@ def report(cfg: Config, num_devices: Optional[int] = None) -> Report:
     for p, v in tree.flatten(sub).items():
       attributed[p] += nbytes(v)
   total_state = sum(nbytes(x) for x in jax.tree.leaves(state))
+  if cfg.regularize.l2sp or cfg.regularize.ewc.lam:  # θ₀ (and F) in the regularizers' state
+    decayed = optim.decay_mask(cfg.optim, params, plan.family, cfg.partition.rules)
+    reg = jax.eval_shape(lambda p, f: optax.chain(
+        *regularize.transforms(cfg.regularize, decayed, f)).init(p), params, params)
+    for sub in reg:
+      for part in sub:
+        for p, v in tree.flatten(part).items():
+          if v is not None:
+            attributed[p] += nbytes(v)
+            total_state += nbytes(v)
   mesh_shape = sharding.mesh_axes(cfg.mesh, num_devices or jax.device_count())
   specs = sharding.param_specs(plan.module, mesh_shape)
   base = set(plan.base_paths)

@@ -139,13 +139,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def state_shardings(state: Any, params_sharding: dict, tx: optax.GradientTransformation,
                     mesh: Mesh) -> Any:
-  """Shardings for a TrainState: parameters and their optimizer moments alike, the rest
-  replicated."""
+  """Shardings for a TrainState: parameters and the optimizer-state buffers shaped like one
+  (found by the parameter path their key path ends with: Adam's moments, L2-SP's θ₀...) alike,
+  the rest replicated (factored or gathered buffers, counts). `tx` is not needed: any
+  transform whose state nests parameter-keyed dicts is covered."""
+  del tx
   rep = replicated(mesh)
-  # moments shaped like their parameter follow it; factored ones (Adafactor) are replicated
-  like = lambda x, s, p: s if getattr(x, "shape", None) == p.shape else rep
-  opt = optax.tree_utils.tree_map_params(tx, like, state.opt_state, params_sharding,
-                                         state.params, transform_non_params=lambda _: rep)
+  known = tree.flatten(params_sharding)
+  shapes = {p: v.shape for p, v in tree.flatten(state.params).items()}
+
+  def place(keypath, leaf):
+    keys = [k.key for k in keypath if isinstance(k, jax.tree_util.DictKey)]
+    for i in range(len(keys)):
+      path = "/".join(str(k) for k in keys[i:])
+      if path in known:
+        return known[path] if getattr(leaf, "shape", None) == shapes[path] else rep
+    return rep
+
+  opt = jax.tree_util.tree_map_with_path(place, state.opt_state)
   return state.replace(step=rep, params=params_sharding, opt_state=opt, rng=rep, loss_scale=rep,
                        good_steps=rep, skipped=rep, bad_run=rep)
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import (assembly, checkpoint, config, data, dynamic, evaluation, hf, loop, loss,
-                   metrics, optim, partition, sharding, step, tree)
+                   metrics, optim, partition, regularize, sharding, step, tree)
 from ftjax.config import Config, UserError
 
 logger = logging.getLogger("ftjax.train")  # not __main__ under python -m
@@ -82,6 +82,7 @@ class Data:
   train: list
   evals: dict  # {name: examples}: data.eval's sets ("" for the unnamed one)
   batches: data.Batches
+  ewc: list = dataclasses.field(default_factory=list)  # regularize.ewc.data's examples
 
   @property
   def eval(self) -> list:
@@ -231,7 +232,12 @@ def _data(cfg: Config) -> Data:
     cfg.train.steps = max(1, math.ceil(cfg.train.epochs * batches.steps_per_epoch))
     logger.info(f"train.epochs {cfg.train.epochs} = {cfg.train.steps} steps "
                 f"({batches.steps_per_epoch} per epoch)")
-  return Data(tokenizer, train_examples, evals, batches)
+  ewc = []
+  if cfg.regularize.ewc.lam:
+    ewc = data.load(cfg.regularize.ewc.data, cfg.data, tokenizer, loaded.labels)
+    ewc = ewc[:cfg.regularize.ewc.max_examples or None]
+    data.check_vocab(ewc, model_cfg.vocab_size)
+  return Data(tokenizer, train_examples, evals, batches, ewc)
 
 
 def _setup(cfg: Config, d: Data) -> Setup:
@@ -255,9 +261,12 @@ def _setup(cfg: Config, d: Data) -> Setup:
               f"{jnp.dtype(dtype).name}, optimizer {cfg.optim.name}; {len(d.train)} train / "
               f"{sum(len(x) for x in d.evals.values())} eval examples")
   logger.info(partition.report(cfg).summary())
+  fisher = _ewc_fisher(cfg, d, model, params, frozen, mesh) if cfg.regularize.ewc.lam else None
+  decayed = optim.decay_mask(cfg.optim, params, model.family, cfg.partition.rules)
   tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, params, model.config.num_layers,
                                 model.family, rules=cfg.partition.rules, dynamic=cfg.partition,
-                                seed=cfg.train.seed)
+                                seed=cfg.train.seed,
+                                first=regularize.transforms(cfg.regularize, decayed, fisher))
   fp16 = cfg.precision.compute == "fp16"
   state = step.init_state(params, tx, cfg.train.seed, cfg.precision.loss_scale if fp16 else 1.0)
   state_sh = sharding.state_shardings(state, params_sh, tx, mesh)
@@ -396,6 +405,36 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
     log.close()
   result.plot = metrics.plot(out_dir) if main else None
   return result
+
+
+def _ewc_fisher(cfg: Config, d: Data, model: assembly.Model, params: dict, frozen: dict,
+                mesh) -> dict:
+  """EWC's diagonal Fisher of the starting model over regularize.ewc.data: read from the run
+  directory's ewc_fisher.safetensors, or computed once and saved there."""
+  path = os.path.join(cfg.train.output_dir, "ewc_fisher.safetensors")
+  if os.path.isfile(path):
+    try:
+      fisher = regularize.load(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"{path}: cannot read the saved Fisher ({str(e).splitlines()[0]}); "
+                      "delete it to compute it again") from None
+    if set(tree.flatten(fisher)) != set(tree.flatten(params)):
+      raise UserError(f"{path} holds the Fisher of other parameters than this config trains "
+                      "(use a new train.output_dir)")
+    logger.info(f"regularize.ewc: the Fisher of the starting model from {path}")
+    return fisher
+  rep = sharding.replicated(mesh)
+  batches = (sharding.put_batch(b, rep) for b in data.eval_batches(
+      d.ewc, cfg.eval.batch_size, cfg.data.seq_len, d.pad_id, cfg.data.buckets))
+  try:
+    fisher = regularize.fisher(loss_for(cfg, model), params, frozen, batches)
+  except ValueError as e:
+    raise UserError(f"regularize.ewc.data: {e}") from None
+  if jax.process_index() == 0:
+    regularize.save(path, fisher)
+  logger.info(f"regularize.ewc: the Fisher of the starting model over {len(d.ewc)} examples "
+              f"of {', '.join(cfg.regularize.ewc.data)}, saved to {path}")
+  return fisher
 
 
 def _choose_sparse(cfg: Config, d: Data, state: step.TrainState, frozen: dict,

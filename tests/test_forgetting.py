@@ -83,3 +83,38 @@ def test_mix_repeats_and_subsamples_sources_by_weight_deterministically(tiny_lla
                                        ).data, tok).train.examples
   assert {e.where for e in other if e.where.startswith(replay)} != \
       {w for w in a if w.startswith(replay)}  # data.split_seed picks another half
+
+
+def _distance(run_dir, step, start):
+  from ftjax import checkpoint, tree
+  ckpt = checkpoint.Checkpointer(str(run_dir), 0, 1, read_only=True)
+  try:
+    after = tree.flatten(ckpt.restore_params(step))
+  finally:
+    ckpt.close()
+  return float(np.sqrt(sum(np.sum((np.asarray(v) - start[p]) ** 2) for p, v in after.items())))
+
+
+@pytest.mark.slow
+def test_l2sp_and_ewc_runs_stay_closer_to_the_start_and_resume(tiny_llama_dir, reverse_data,
+                                                               tmp_path):
+  from ftjax import assembly, regularize, tree
+  words = ["peft.method=none", "peft.trainable=[mlp]", "optim.lr=1e-2", "optim.schedule=constant",
+           "train.steps=6"]
+  cfg = _cfg(tiny_llama_dir, reverse_data[0], tmp_path / "plain", *words)
+  start = {p: np.asarray(v) for p, v in tree.flatten(assembly.from_config(cfg).split()[0]).items()}
+  train.run(cfg)
+  plain = _distance(tmp_path / "plain", 6, start)
+  train.run(_cfg(tiny_llama_dir, reverse_data[0], tmp_path / "l2sp", *words,
+                 "regularize.l2sp=100"))
+  assert _distance(tmp_path / "l2sp", 6, start) < 0.5 * plain
+  ewc = [*words, "regularize.ewc.lambda=1e4", f"regularize.ewc.data={reverse_data[1]}"]
+  full = train.run(_cfg(tiny_llama_dir, reverse_data[0], tmp_path / "ewc", *ewc))
+  assert _distance(tmp_path / "ewc", 6, start) < 0.5 * plain
+  fisher = tree.flatten(regularize.load(str(tmp_path / "ewc" / "ewc_fisher.safetensors")))
+  assert set(fisher) == set(start) and all(np.all(f >= 0) for f in fisher.values())
+  # stopped and resumed: the saved Fisher and the state's θ₀ give the same losses
+  out = tmp_path / "ewc_resumed"
+  train.run(_cfg(tiny_llama_dir, reverse_data[0], out, *ewc, "train.stop_after=3"))
+  rest = train.run(_cfg(tiny_llama_dir, reverse_data[0], out, *ewc))
+  assert {s: rest.losses[s] for s in (4, 5, 6)} == {s: full.losses[s] for s in (4, 5, 6)}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tiny
-from ftjax import checkpoint, config, dynamic, loss, partition, rules, train, tree
+from ftjax import checkpoint, config, dynamic, invariants, loss, partition, rules, train, tree
 from ftjax.config import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -149,7 +149,6 @@ def test_lisa_windows_train_exactly_k_layers_without_recompiling_and_resume(tiny
     want = np.flatnonzero(np.asarray(dynamic.lisa_layers(np.int32(2 * w), 4, 1, 2, 0)))
     assert moved == set(want.tolist()), (w, moved, want)
     in_layer = {p for p in a if p.startswith(f"layers_{want[0]}/")}
-    from ftjax import invariants
     invariants.frozen_unchanged(a, b, in_layer | {p for p in a if not p.startswith("layers_")})
     assert not np.array_equal(a["embed_tokens/embedding"], b["embed_tokens/embedding"])
   # stop after step 3 (mid-window) and resume: the same windows and losses
