@@ -57,6 +57,7 @@ class Report:
   shapes: dict
   opt_other: int  # optimizer-state bytes that belong to no parameter (step counts, masks)
   mesh: dict
+  dynamic: str = ""  # what LISA or sparse updates do to the trained groups
 
   @property
   def trained(self) -> int:
@@ -75,7 +76,8 @@ class Report:
     frozen_bytes = sum(g.dtype_bytes for g in self.groups if not g.train)
     return (f"partition: {self.trained:,} of {self.total:,} parameters train "
             f"({100 * self.trained / max(self.total, 1):.3g}%) in {n_groups} group(s); "
-            f"optimizer state {_mb(self.opt_bytes)}; frozen weights {_mb(frozen_bytes)}")
+            f"optimizer state {_mb(self.opt_bytes)}; frozen weights {_mb(frozen_bytes)}"
+            + (f"; {self.dynamic}" if self.dynamic else ""))
 
 
 def _mb(n: int) -> str:
@@ -142,7 +144,16 @@ def report(cfg: Config, num_devices: Optional[int] = None) -> Report:
     g.shardings.add(_spec_text(specs.get(p)))
   ordered = sorted(groups.values(), key=lambda g: (not g.train, min(g.layers, default=-1),
                                                    g.role, g.kind, g.rule))
-  return Report(ordered, decisions, shapes, total_state - sum(attributed.values()), mesh_shape)
+  lisa, sparse = cfg.partition.lisa, cfg.partition.sparse
+  dynamic = ""
+  if lisa.layers:
+    dynamic = (f"LISA: {min(lisa.layers, plan.config.num_layers)} of {plan.config.num_layers} "
+               f"decoder layers train in each window of {lisa.every} steps")
+  elif sparse.density:
+    dynamic = (f"sparse: the top {sparse.density:g} of each trained tensor's entries by "
+               f"{sparse.score} over {sparse.warmup_steps} batch(es)")
+  return Report(ordered, decisions, shapes, total_state - sum(attributed.values()), mesh_shape,
+                dynamic)
 
 
 def _param_trees(node: Any, paths: set) -> list:
