@@ -78,6 +78,14 @@ class Model:
     """What PEFT methods and adapter formats know about this model."""
     return Context(self.config, self.family, tuple(self.base_paths))
 
+  def as_plan(self) -> "Plan":
+    """What `plan` would have decided for this model (shapes of its current parameters)."""
+    shapes = {p: jax.ShapeDtypeStruct(v.shape, v.dtype)
+              for p, v in tree.flatten(self.params).items()}
+    heads = {p for p in shapes if self.family.is_classifier(p)}
+    return Plan(self.module, self.spec, self.peft_config, list(self.base_paths), {}, shapes,
+                heads, set(self.trainable), self.family, self.config, self.hf_config, {})
+
   def split(self) -> tuple[dict, dict]:
     """(trainable, frozen) parameter subtrees."""
     return tree.split(self.params, self.trainable)

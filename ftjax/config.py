@@ -226,7 +226,7 @@ class PartitionRule:
   the settings it decides for the leaves it selects (unset: a later rule decides)."""
 
   pattern: str = ""  # a regex over parameter paths (re.search)
-  layers: str = ""  # decoder layer indices and ranges, "0-3,10"
+  layers: Union[str, int] = ""  # decoder layer indices and ranges, "0-3,10" (or one index)
   kind: Literal["", "attention", "mlp", "norm", "embedding", "head"] = ""  # per model family
   train: Optional[bool] = None
   lr: Optional[float] = None  # a multiplier of optim.lr (and of the schedule)
@@ -306,7 +306,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
       args = [a for a in args if typing.get_origin(a) is dict] or args
     else:
       args = [a for a in args if typing.get_origin(a) is not dict] or args
-    return _coerce(value, args[0], key)
+    for arg in args[:-1]:  # the first form the value fits
+      try:
+        return _coerce(value, arg, key)
+      except UserError:
+        pass
+    return _coerce(value, args[-1], key)
   if origin is dict:
     if not isinstance(value, dict) or not value:
       raise UserError(f"{key}: expected a mapping of names, got {value!r}")

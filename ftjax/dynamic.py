@@ -10,7 +10,9 @@ Both are Optax wrappers around the run's chain, so the train step is compiled on
   The choice is a pure function of (seed, window index), and the window's layer mask is kept in
   the state, so resuming reproduces it. LMFlow's LISA rebuilds the optimizer at each switch and
   keeps the frozen layers' state; here nothing is rebuilt and nothing of the idle layers moves.
-  Each layer's Adam bias correction uses the count of all updates, not its own.
+  Each layer's Adam bias correction uses the count of all updates, not its own (a layer that
+  first trains late takes larger steps at first than a fresh Adam would), and windows count
+  applied updates: a step skipped for non-finite gradients does not advance them.
 - `sparse(inner, density)`: sparse fine-tuning by importance (as FISH masks, Sung et al. 2021):
   of each trainable tensor only its top `density` fraction of entries, by a score, trains. The
   chosen flat indices live in the state (`SparseState.index`, filled by `with_index` once the
@@ -47,10 +49,16 @@ def lisa_layers(count: jax.Array, num_layers: int, k: int, every: int, seed: int
   return jnp.zeros((num_layers,), bool).at[chosen].set(True)
 
 
-def _state_mask(inner: optax.GradientTransformation, state: Any, mask: dict) -> Any:
-  """A tree like `state`: each param-shaped leaf gets its parameter's mask, the rest True."""
-  return optax.tree_utils.tree_map_params(inner, lambda _, m: m, state, mask,
-                                          transform_non_params=lambda _: jnp.bool_(True))
+def _state_mask(state: Any, mask: dict) -> Any:
+  """A tree like `state`: each per-parameter buffer (found by its key path, see `tree.owner`)
+  gets its parameter's mask, the rest (step counts) True."""
+  flat = tree.flatten(mask)
+  known = set(flat)
+
+  def leaf_mask(keypath, _):
+    path = tree.owner(keypath, known)
+    return flat[path] if path is not None else jnp.bool_(True)
+  return jax.tree_util.tree_map_with_path(leaf_mask, state)
 
 
 def lisa(inner: optax.GradientTransformation, layer_of: dict[str, Optional[int]],
@@ -72,7 +80,7 @@ def lisa(inner: optax.GradientTransformation, layer_of: dict[str, Optional[int]]
     grads = jax.tree.map(zero, grads, mask)
     updates, new_inner = inner.update(grads, state.inner, params)
     updates = jax.tree.map(zero, updates, mask)
-    keep = _state_mask(inner, new_inner, mask)
+    keep = _state_mask(new_inner, mask)
     new_inner = jax.tree.map(lambda n, o, m: jnp.where(m, n, o), new_inner, state.inner, keep)
     return updates, LisaState(new_inner, state.count + 1, on)
 
@@ -125,29 +133,47 @@ def top_entries(scores: dict, density: float) -> dict:
   return jax.tree.map(top, scores)
 
 
-def with_index(opt_state: SparseState, index: dict) -> SparseState:
-  """The sparse state with its entries chosen: from here on they (and only they) train."""
-  index = jax.tree.map(lambda new, old: jax.device_put(new.astype(jnp.int32), old.sharding)
-                       if isinstance(old, jax.Array) else new, index, opt_state.index)
-  return opt_state._replace(index=index, ready=jnp.ones((), bool))
+def _is_sparse(x: Any) -> bool:
+  return isinstance(x, SparseState)
 
 
-def mask_of(opt_state: SparseState, params: dict) -> dict:
+def sparse_state(opt_state: Any) -> SparseState:
+  """The SparseState inside an optimizer state (alone, or in a chain's tuple)."""
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_sparse) if _is_sparse(x)]
+  if len(found) != 1:
+    raise ValueError(f"expected one sparse state in the optimizer state, found {len(found)}")
+  return found[0]
+
+
+def with_index(opt_state: Any, index: dict) -> Any:
+  """The optimizer state with the sparse entries chosen: from here on they (and only they)
+  train. `opt_state` is the sparse transform's state, or a chain's holding it."""
+  def choose(x):
+    if not _is_sparse(x):
+      return x
+    new = jax.tree.map(lambda n, o: jax.device_put(n.astype(jnp.int32), o.sharding)
+                       if isinstance(o, jax.Array) else n, index, x.index)
+    return x._replace(index=new, ready=jnp.ones((), bool))
+  return jax.tree.map(choose, opt_state, is_leaf=_is_sparse)
+
+
+def mask_of(opt_state: Any, params: dict) -> dict:
   """A bool tree like `params`: True at the entries that train."""
   def mask(p, idx):
     return np.isin(np.arange(p.size), np.asarray(idx)).reshape(p.shape)
-  return jax.tree.map(mask, params, opt_state.index)
+  return jax.tree.map(mask, params, sparse_state(opt_state).index)
 
 
-def scores_grad2(loss_fn: Callable, params: dict, frozen: dict, batches, context: Any = None
-                 ) -> dict:
+def scores_grad2(loss_fn: Callable, params: dict, frozen: dict, batches, context: Any = None,
+                 grad_accum: int = 1) -> dict:
   """Importance `grad2`: the sum over batches of each entry's squared batch gradient (the
-  gradient the train step takes: the batch's summed loss over its trained tokens)."""
+  gradient the train step takes: the batch's summed loss over its trained tokens, in
+  `grad_accum` micro-batches)."""
   from ftjax import step  # pylint: disable=import-outside-toplevel
 
   @jax.jit
   def one(params, frozen, batch):
-    micro = {k: v[None] for k, v in batch.items()}
+    micro = {k: v.reshape(grad_accum, -1, *v.shape[1:]) for k, v in batch.items()}
     grads, _, aux = step.accumulate(params, frozen, micro, jax.random.PRNGKey(0), loss_fn,
                                     context=context)
     denom = jnp.maximum(aux["tokens"], 1.0)

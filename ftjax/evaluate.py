@@ -222,15 +222,6 @@ def describe(req: Request, result: dict) -> str:
           + evaluation.describe({f"eval_{k}": v for k, v in result.items()}))
 
 
-def _step_arg(text: str) -> int | str:
-  if text == "best":
-    return text
-  try:
-    return int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a step number or 'best', got {text!r}") from None
-
-
 class _Parser(argparse.ArgumentParser):
   """Flag errors as one `error: ...` line (exit status 2), like every other bad input."""
 
@@ -245,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--model", help="an HF model directory")
   parser.add_argument("--adapter", help="an HF PEFT adapter directory for --model")
   parser.add_argument("--run", help="an ftjax run directory (train.output_dir)")
-  parser.add_argument("--step", type=_step_arg,
+  parser.add_argument("--step", type=export.step_arg,
                       help="--run's checkpoint step, or 'best' (default: the newest)")
   parser.add_argument("--data", nargs="+", required=True,
                       help="data files (jsonl, json, csv, parquet, txt; globs)")

@@ -82,7 +82,8 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None
   return out_dir
 
 
-def _step_arg(text: str) -> int | str:
+def step_arg(text: str) -> int | str:
+  """argparse type of `--step`: a step number or 'best'."""
   if text == "best":
     return text
   try:
@@ -97,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--run", required=True, help="the run directory (train.output_dir)")
   parser.add_argument("--to", required=True, choices=("peft", "hf"))
   parser.add_argument("--out", required=True, help="the directory to write")
-  parser.add_argument("--step", type=_step_arg,
+  parser.add_argument("--step", type=step_arg,
                       help="checkpoint step, or 'best' (early stopping's best; default: newest)")
   parser.add_argument("--model", help="base model directory, if it moved since training")
   parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),

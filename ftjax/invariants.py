@@ -79,17 +79,6 @@ def trainable_moved(before: dict, after: dict, trainable: set[str]) -> None:
   _fail("trainable_moved", still, "trained but unchanged")
 
 
-def _parameter_path(keys: tuple, known: set[str]) -> Optional[str]:
-  """The parameter a state leaf belongs to: the longest run of dict keys at the end of its key
-  path that names a known parameter (optax keeps the parameters' nesting inside its states)."""
-  names = [str(k.key) for k in keys if isinstance(k, jax.tree_util.DictKey)]
-  for i in range(len(names)):
-    path = "/".join(names[i:])
-    if path in known:
-      return path
-  return None
-
-
 def no_frozen_opt_state(opt_state: Any, trainable: set[str], params: Optional[dict] = None,
                         complete: bool = True) -> None:
   """The optimizer state holds buffers for trained leaves only, and (`complete`) for each.
@@ -115,7 +104,7 @@ def no_frozen_opt_state(opt_state: Any, trainable: set[str], params: Optional[di
   known = set(tree.flatten(params)) | set(trainable) if params is not None else set(trainable)
   held, stray = set(), set()
   for keys, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-    path = _parameter_path(keys, known)
+    path = tree.owner(keys, known)
     if path is not None:
       held.add(path)
     elif params is None and np.ndim(leaf) >= 1:

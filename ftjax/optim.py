@@ -157,8 +157,7 @@ def build(cfg: OptimConfig, total_steps: int, params: dict, num_layers: int = 0,
         else decayed_weights(coefficients)
   else:
     decay = optax.identity()
-  parts = list(first)
-  parts += [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
   parts += _direction(cfg, decay)
   parts.append(optax.scale_by_learning_rate(lr))
   scales = lr_multipliers(cfg, paths, num_layers, family, rules)
@@ -167,8 +166,10 @@ def build(cfg: OptimConfig, total_steps: int, params: dict, num_layers: int = 0,
     parts.append(optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, factors)))
   tx = optax.chain(*parts)
   if dynamic is not None and dynamic.lisa.layers:
+    if family is None or not num_layers:
+      raise ValueError("partition.lisa needs the model family and its number of layers")
     tx = dynamic_lib.lisa(tx, {p: family.layer_index(p) for p in paths}, num_layers,
                           dynamic.lisa.layers, dynamic.lisa.every, seed)
   elif dynamic is not None and dynamic.sparse.density:
     tx = dynamic_lib.sparse(tx, dynamic.sparse.density)
-  return tx, lr
+  return (optax.chain(*first, tx) if first else tx), lr

@@ -20,7 +20,6 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-import optax
 
 from ftjax import assembly, optim, regularize, sharding, tree
 from ftjax.config import Config, UserError
@@ -88,38 +87,35 @@ def _mb(n: int) -> str:
   return f"{n} B"
 
 
-def report(cfg: Config, num_devices: Optional[int] = None) -> Report:
-  """The partition of `cfg` from shapes alone (no weight is read)."""
-  plan = assembly.plan_from_config(cfg)
+def report(cfg: Config, num_devices: Optional[int] = None,
+           model: Optional[assembly.Model] = None) -> Report:
+  """The partition of `cfg` from shapes alone (no weight is read), or of a model already built
+  from it (`model`: a run's, whose fresh weights are then known)."""
+  plan = assembly.plan_from_config(cfg) if model is None else model.as_plan()
   shapes = plan.shapes
   cfg = dataclasses.replace(cfg, peft=plan.peft_config)  # with peft.init_from's settings
   decisions = for_config(cfg, shapes, plan.family, plan.base_paths)
   trained = {p for p, d in decisions.items() if d.train}
   params = tree.unflatten({p: shapes[p] for p in sorted(trained)})
-  tx, _ = optim.build(cfg.optim, cfg.train.steps, params, plan.config.num_layers, plan.family,
-                      rules=cfg.partition.rules, dynamic=cfg.partition, seed=cfg.train.seed)
-  state = jax.eval_shape(tx.init, params)
+  decayed = optim.decay_mask(cfg.optim, params, plan.family, cfg.partition.rules)
 
-  per_leaf = tree.unflatten({p: 0 for p in tree.flatten(params)})
+  def init(p, fisher):  # the run's whole chain, EWC's Fisher a stand-in of the right shapes
+    first = regularize.transforms(cfg.regularize, decayed, fisher if cfg.regularize.ewc.lam
+                                  else None)
+    tx, _ = optim.build(cfg.optim, cfg.train.steps, p, plan.config.num_layers, plan.family,
+                        rules=cfg.partition.rules, dynamic=cfg.partition, seed=cfg.train.seed,
+                        first=first)
+    return tx.init(p)
+
+  state = jax.eval_shape(init, params, params)
   nbytes = lambda x: int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-  leaf_state = optax.tree_utils.tree_map_params(
-      tx, lambda s, _: s, state, per_leaf, transform_non_params=lambda _: None)
-  attributed = collections.Counter()
-  # The state's param-shaped subtrees mirror `params`: sum their leaves per path.
-  for sub in _param_trees(leaf_state, set(tree.flatten(params))):
-    for p, v in tree.flatten(sub).items():
-      attributed[p] += nbytes(v)
-  total_state = sum(nbytes(x) for x in jax.tree.leaves(state))
-  if cfg.regularize.l2sp or cfg.regularize.ewc.lam:  # θ₀ (and F) in the regularizers' state
-    decayed = optim.decay_mask(cfg.optim, params, plan.family, cfg.partition.rules)
-    reg = jax.eval_shape(lambda p, f: optax.chain(
-        *regularize.transforms(cfg.regularize, decayed, f)).init(p), params, params)
-    for sub in reg:
-      for part in sub:
-        for p, v in tree.flatten(part).items():
-          if v is not None:
-            attributed[p] += nbytes(v)
-            total_state += nbytes(v)
+  known = set(tree.flatten(params))
+  attributed = collections.Counter()  # state bytes per parameter (by key path, tree.owner)
+  total_state = 0
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    total_state += nbytes(leaf)
+    if (owner := tree.owner(keypath, known)) is not None:
+      attributed[owner] += nbytes(leaf)
   mesh_shape = sharding.mesh_axes(cfg.mesh, num_devices or jax.device_count())
   specs = sharding.param_specs(plan.module, mesh_shape)
   base = set(plan.base_paths)
@@ -154,21 +150,6 @@ def report(cfg: Config, num_devices: Optional[int] = None) -> Report:
                f"{sparse.score} over {sparse.warmup_steps} batch(es)")
   return Report(ordered, decisions, shapes, total_state - sum(attributed.values()), mesh_shape,
                 dynamic)
-
-
-def _param_trees(node: Any, paths: set) -> list:
-  """The subtrees of an optimizer state (mapped by tree_map_params) shaped like the params."""
-  if isinstance(node, dict):
-    try:
-      flat = tree.flatten(node)
-    except Exception:  # pylint: disable=broad-except
-      flat = {}
-    if flat and set(flat) == paths:
-      return [node]
-    return [t for v in node.values() for t in _param_trees(v, paths)]
-  if isinstance(node, (list, tuple)):
-    return [t for v in node for t in _param_trees(v, paths)]
-  return []
 
 
 def _spec_text(spec: Any) -> str:

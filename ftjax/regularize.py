@@ -215,19 +215,32 @@ def fisher(loss_fn: LossFn, params: dict, frozen: dict, batches: Iterable[dict],
   return jax.tree.map(lambda s: s / n, total)
 
 
-def save(path: str, fisher_tree: dict) -> str:
-  """Writes a Fisher tree as safetensors (fp32; keys are the '/'-joined parameter paths)."""
+def save(path: str, fisher_tree: dict, metadata: Optional[dict] = None) -> str:
+  """Writes a Fisher tree as safetensors (fp32; keys are the '/'-joined parameter paths), with
+  `metadata` (what it was computed from) as JSON in the file's header."""
+  import json  # pylint: disable=import-outside-toplevel
+
   from safetensors.numpy import save_file
 
-  save_file({p: np.asarray(v, np.float32) for p, v in tree.flatten(fisher_tree).items()}, path)
+  save_file({p: np.asarray(v, np.float32) for p, v in tree.flatten(fisher_tree).items()}, path,
+            metadata={"ftjax": json.dumps(metadata or {})})
   return path
 
 
-def load(path: str) -> dict:
-  """The Fisher tree `save` wrote (numpy fp32 arrays in a nested dict)."""
+def load(path: str, with_metadata: bool = False) -> Any:
+  """The Fisher tree `save` wrote (numpy fp32 arrays in a nested dict); with `with_metadata`,
+  (tree, the metadata it was saved with)."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  from safetensors import safe_open
   from safetensors.numpy import load_file
 
-  return tree.unflatten(dict(load_file(path)))
+  fisher_tree = tree.unflatten(dict(load_file(path)))
+  if not with_metadata:
+    return fisher_tree
+  with safe_open(path, "np") as f:
+    meta = json.loads((f.metadata() or {}).get("ftjax", "{}"))
+  return fisher_tree, meta
 
 
 def transforms(cfg: RegularizeConfig, decay_mask: Any, fisher_tree: Any = None

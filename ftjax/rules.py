@@ -14,7 +14,8 @@ a rule that only sets `lr` leaves `train` to the rules after it. The rules are, 
     optim.lr_groups                  lr: group lr / optim.lr
     optim.no_decay                   weight_decay: 0
     defaults                         train: the PEFT method's own leaves and fresh heads; the base
-                                     too under peft.method none without peft.trainable;
+                                     too under peft.method none, unless some rule sets
+                                     `train: true` (choosing what trains freezes the rest);
                                      lr: 1; weight_decay: optim.weight_decay
 
 so the older keys are sugar: a config that writes the same decisions as rules gives the same
@@ -88,8 +89,8 @@ def user_rules(rules: Iterable[PartitionRule], what: str = "partition.rules") ->
     name = f"{what}[{i}]"
     if r.pattern:
       _compiled(r.pattern, name)
-    out.append(Rule(name, r.pattern, parse_layers(r.layers, name) if r.layers else None, r.kind,
-                    r.train, r.lr, r.weight_decay))
+    layers = parse_layers(r.layers, name) if r.layers != "" else None
+    out.append(Rule(name, r.pattern, layers, r.kind, r.train, r.lr, r.weight_decay))
   return out
 
 
@@ -132,16 +133,18 @@ def decide(rules: list[Rule], paths: Iterable[str], family: Any, *, base_paths: 
     family: the model family (layers and kinds); None allows pattern-only rules.
     base_paths: the base model's paths (the rest are the method's own, or fresh heads).
     method: the PEFT method (base leaves train by default only under none).
-    base_trains: whether base leaves train by default (default: method none and no
-      peft.trainable rule).
+    base_trains: whether base leaves train by default (default: under method none, unless a
+      rule sets `train: true`: choosing what trains freezes the rest).
     weight_decay: the default decay.
     check: the scopes whose rules must select something (a rule that selects nothing in its
       scope is a UserError naming it): all (user rules), base (peft.trainable), trainable
       (optim.lr_groups).
   """
   paths, base = list(paths), set(base_paths)
-  if base_trains is None:
-    base_trains = method == "none" and not any(r.name.startswith("peft.trainable") for r in rules)
+  if family is None and any(r.layers is not None or r.kind for r in rules):
+    raise ValueError("rules with layers or kind selectors need the model family")
+  if base_trains is None:  # a rule that chooses what trains makes the rest frozen by default
+    base_trains = method == "none" and not any(r.train is True for r in rules)
   hits = {r.name: {p for p in paths if r.selects(p, family)} for r in rules}
   out = {}
   for p in paths:
@@ -154,8 +157,9 @@ def decide(rules: list[Rule], paths: Iterable[str], family: Any, *, base_paths: 
         break
     if "train" not in values:
       if p not in base:
-        values["train"], by["train"] = True, "default: method's own" if method != "none" \
-            else "default: new head"
+        head = method == "none" or (family is not None and family.is_classifier(p))
+        values["train"], by["train"] = True, "default: new head" if head \
+            else "default: method's own"
       else:
         values["train"] = base_trains
         by["train"] = "default: full fine-tuning" if base_trains else "default: frozen base"

@@ -149,12 +149,10 @@ def state_shardings(state: Any, params_sharding: dict, tx: optax.GradientTransfo
   shapes = {p: v.shape for p, v in tree.flatten(state.params).items()}
 
   def place(keypath, leaf):
-    keys = [k.key for k in keypath if isinstance(k, jax.tree_util.DictKey)]
-    for i in range(len(keys)):
-      path = "/".join(str(k) for k in keys[i:])
-      if path in known:
-        return known[path] if getattr(leaf, "shape", None) == shapes[path] else rep
-    return rep
+    path = tree.owner(keypath, shapes)
+    if path is None or getattr(leaf, "shape", None) != shapes[path]:
+      return rep
+    return known[path]
 
   opt = jax.tree_util.tree_map_with_path(place, state.opt_state)
   return state.replace(step=rep, params=params_sharding, opt_state=opt, rng=rep, loss_scale=rep,

@@ -260,7 +260,7 @@ def _setup(cfg: Config, d: Data) -> Setup:
               f"{n_train:,} trainable ({100 * n_train / n_total:.3g}%), compute "
               f"{jnp.dtype(dtype).name}, optimizer {cfg.optim.name}; {len(d.train)} train / "
               f"{sum(len(x) for x in d.evals.values())} eval examples")
-  logger.info(partition.report(cfg).summary())
+  logger.info(partition.report(cfg, model=model).summary())
   fisher = _ewc_fisher(cfg, d, model, params, frozen, mesh) if cfg.regularize.ewc.lam else None
   decayed = optim.decay_mask(cfg.optim, params, model.family, cfg.partition.rules)
   tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, params, model.config.num_layers,
@@ -335,10 +335,8 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
   if main:
     config.dump(cfg, os.path.join(out_dir, "config.yaml"))
   log = metrics.MetricsLog(out_dir, result.start_step, enabled=main)
-  loss_fn = None
   if not restored and cfg.partition.sparse.density:
-    loss_fn = loss_for(cfg, model)
-    state = _choose_sparse(cfg, d, state, frozen, loss_fn, mesh)
+    state = _choose_sparse(cfg, d, state, frozen, loss_for(cfg, model), mesh)
 
   apply_fn = loss.logits_fn(model.module)
   batch_sh = sharding.batch_sharding(mesh, 3)
@@ -346,8 +344,7 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
   if cfg.distill.teacher:
     distill, teacher, teacher_sh = _teacher(cfg, d.tokenizer, model.config,
                                             compute_dtype(cfg.precision.compute), mesh)
-  jitted = jax.jit(functools.partial(step.train_step,
-                                     loss_fn=loss_fn or loss_for(cfg, model, distill),
+  jitted = jax.jit(functools.partial(step.train_step, loss_fn=loss_for(cfg, model, distill),
                                      tx=setup.tx,
                                      dynamic_scale=cfg.precision.compute == "fp16",
                                      scale_period=cfg.precision.loss_scale_period),
@@ -412,15 +409,23 @@ def _ewc_fisher(cfg: Config, d: Data, model: assembly.Model, params: dict, froze
   """EWC's diagonal Fisher of the starting model over regularize.ewc.data: read from the run
   directory's ewc_fisher.safetensors, or computed once and saved there."""
   path = os.path.join(cfg.train.output_dir, "ewc_fisher.safetensors")
+  ewc = cfg.regularize.ewc
+  made_from = {"model": os.path.abspath(cfg.model.path), "data": ewc.data,
+               "max_examples": ewc.max_examples, "seq_len": cfg.data.seq_len,
+               "format": cfg.data.format}
   if os.path.isfile(path):
     try:
-      fisher = regularize.load(path)
+      fisher, saved_from = regularize.load(path, with_metadata=True)
     except Exception as e:  # pylint: disable=broad-except
       raise UserError(f"{path}: cannot read the saved Fisher ({str(e).splitlines()[0]}); "
                       "delete it to compute it again") from None
-    if set(tree.flatten(fisher)) != set(tree.flatten(params)):
+    shapes = {p: tuple(v.shape) for p, v in tree.flatten(params).items()}
+    if {p: tuple(v.shape) for p, v in tree.flatten(fisher).items()} != shapes:
       raise UserError(f"{path} holds the Fisher of other parameters than this config trains "
                       "(use a new train.output_dir)")
+    if saved_from != made_from:
+      raise UserError(f"{path} was computed from {saved_from}, this config asks for "
+                      f"{made_from} (use a new train.output_dir, or delete the file)")
     logger.info(f"regularize.ewc: the Fisher of the starting model from {path}")
     return fisher
   rep = sharding.replicated(mesh)
@@ -430,8 +435,13 @@ def _ewc_fisher(cfg: Config, d: Data, model: assembly.Model, params: dict, froze
     fisher = regularize.fisher(loss_for(cfg, model), params, frozen, batches)
   except ValueError as e:
     raise UserError(f"regularize.ewc.data: {e}") from None
+  if jax.process_count() > 1:  # whole arrays on every host, for process 0 to write
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    host = multihost_utils.process_allgather(fisher, tiled=True)
+  else:
+    host = fisher
   if jax.process_index() == 0:
-    regularize.save(path, fisher)
+    regularize.save(path, host, metadata=made_from)
   logger.info(f"regularize.ewc: the Fisher of the starting model over {len(d.ewc)} examples "
               f"of {', '.join(cfg.regularize.ewc.data)}, saved to {path}")
   return fisher
@@ -448,7 +458,8 @@ def _choose_sparse(cfg: Config, d: Data, state: step.TrainState, frozen: dict,
     from ftjax import regularize  # pylint: disable=import-outside-toplevel
     scores = regularize.fisher(loss_fn, state.params, frozen, batches)
   else:
-    scores = dynamic.scores_grad2(loss_fn, state.params, frozen, batches)
+    scores = dynamic.scores_grad2(loss_fn, state.params, frozen, batches,
+                                  grad_accum=cfg.train.grad_accum)
   index = dynamic.top_entries(scores, sparse.density)
   chosen = sum(int(i.size) for i in jax.tree.leaves(index))
   logger.info(f"partition.sparse: scored {sparse.warmup_steps} batch(es) by {sparse.score}; "

@@ -11,7 +11,7 @@ that names it. Trees split into trainable and frozen parts and merge back.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import flax.linen as nn
 from flax import traverse_util
@@ -118,6 +118,21 @@ def merge(*trees: dict) -> dict:
   for t in trees:
     out.update(flatten(t))
   return unflatten(out)
+
+
+def owner(keypath: tuple, paths: set[str]) -> Optional[str]:
+  """The parameter an optimizer-state leaf belongs to: the longest run of dict keys at the end
+  of its key path (`jax.tree_util` keys) that is a known parameter path. Optax and ftjax's own
+  transforms nest their per-parameter buffers as the parameters are nested, so
+  `.../mu/layers_0/mlp/up_proj/kernel` belongs to `layers_0/mlp/up_proj/kernel`."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  names = [str(k.key) for k in keypath if isinstance(k, jax.tree_util.DictKey)]
+  for i in range(len(names)):
+    path = "/".join(names[i:])
+    if path in paths:
+      return path
+  return None
 
 
 def count(params: dict) -> int:

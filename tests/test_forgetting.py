@@ -113,6 +113,9 @@ def test_l2sp_and_ewc_runs_stay_closer_to_the_start_and_resume(tiny_llama_dir, r
   assert _distance(tmp_path / "ewc", 6, start) < 0.5 * plain
   fisher = tree.flatten(regularize.load(str(tmp_path / "ewc" / "ewc_fisher.safetensors")))
   assert set(fisher) == set(start) and all(np.all(f >= 0) for f in fisher.values())
+  with pytest.raises(config.UserError, match="ewc_fisher.safetensors was computed from"):
+    train.run(_cfg(tiny_llama_dir, reverse_data[0], tmp_path / "ewc", *ewc,
+                   "regularize.ewc.max_examples=3"))
   # stopped and resumed: the saved Fisher and the state's θ₀ give the same losses
   out = tmp_path / "ewc_resumed"
   train.run(_cfg(tiny_llama_dir, reverse_data[0], out, *ewc, "train.stop_after=3"))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import tiny
-from ftjax import checkpoint, config, dynamic, invariants, loss, partition, rules, train, tree
+from ftjax import (checkpoint, config, dynamic, invariants, loss, partition, regularize, rules,
+                   train, tree)
 from ftjax.config import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -38,6 +39,7 @@ def _params(run_dir, step):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_rules_equal_to_the_older_keys_give_bitwise_equal_runs(tiny4, reverse_data, tmp_path):
   old = ["peft.method=lora", "peft.trainable=[norm]", "peft.frozen=[layers_0/.*lora]",
          "optim.weight_decay=0.1", "optim.no_decay=[scale$, embedding$]",
@@ -67,6 +69,10 @@ def test_selectors_and_first_match_per_setting(tiny4, reverse_data, tmp_path):
       True, 2.0, 0.5, (("train", "partition.rules[0]"), ("lr", "partition.rules[0]"),
                        ("weight_decay", "partition.rules[2]")))
   assert not d["layers_0/mlp/up_proj/kernel"].train  # layer 0 is not selected
+  # under method none, a rule that chooses what trains freezes the rest (as peft.trainable)
+  full = partition.report(_cfg(tiny4, reverse_data[0], "unused",
+                               "partition.rules=[{layers: 1, train: true}]")).decisions
+  assert {p for p, x in full.items() if x.train} == {p for p in full if p.startswith("layers_1/")}
   assert d["layers_0/self_attn/q_proj/lora_a"].rule("train") == "default: method's own"
   assert d["layers_0/self_attn/q_proj/lora_a"].weight_decay == 0.1
   for bad, message in [("[{layers: '4', train: true}]", r"partition.rules\[0\]: layers 4 selects "
@@ -127,10 +133,13 @@ def _compiles(caplog):
              for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_lisa_windows_train_exactly_k_layers_without_recompiling_and_resume(tiny4, reverse_data,
                                                                             tmp_path, caplog):
   lisa = ["partition.lisa.layers=1", "partition.lisa.every=2", "train.steps=6",
-          "checkpoint.every=2", "checkpoint.keep=5", "optim.weight_decay=0.1"]
+          "checkpoint.every=2", "checkpoint.keep=5", "optim.weight_decay=0.1",
+          "regularize.l2sp=0.1",  # L2-SP's pull stays out of idle layers too
+          f"data.mix=[{{train: {reverse_data[1]}, weight: 0.5}}]"]  # and replay resumes exactly
   out = tmp_path / "lisa"
   jax.config.update("jax_log_compiles", True)
   try:
@@ -159,11 +168,16 @@ def test_lisa_windows_train_exactly_k_layers_without_recompiling_and_resume(tiny
   assert {s: rest.losses[s] for s in (4, 5, 6)} == {s: full.losses[s] for s in (4, 5, 6)}
 
 
-def test_sparse_trains_only_the_top_entries_of_each_tensor(tiny_llama_dir, reverse_data,
+@pytest.mark.slow
+@pytest.mark.parametrize("score", ["grad2", "fisher"])
+def test_sparse_trains_only_the_top_entries_of_each_tensor(score, tiny_llama_dir, reverse_data,
                                                           tmp_path):
   out = tmp_path / "sparse"
+  steps = 3 if score == "grad2" else 1
+  extra = [] if score == "grad2" else ["regularize.l2sp=0.1"]  # the sparse state in a chain
   cfg = _cfg(tiny_llama_dir, reverse_data[0], out, "partition.sparse.density=0.05",
-             "partition.sparse.warmup_steps=2", "train.steps=3", "optim.weight_decay=0.1")
+             f"partition.sparse.score={score}", "partition.sparse.warmup_steps=2",
+             f"train.steps={steps}", "optim.weight_decay=0.1", *extra)
   train.run(cfg)
   from ftjax import assembly, data, hf
   tok = hf.load_tokenizer(tiny_llama_dir)
@@ -171,9 +185,10 @@ def test_sparse_trains_only_the_top_entries_of_each_tensor(tiny_llama_dir, rever
   params, frozen = model.split()
   examples = data.load(cfg.data.train, cfg.data, tok)
   batches = data.Batches(examples, 8, 64, tok.pad_token_id, 0, buckets=1)
-  scores = dynamic.scores_grad2(loss.cross_entropy(loss.logits_fn(model.module)), params, frozen,
-                                [batches.get(s) for s in range(2)])
-  after = _params(out, 3)
+  loss_fn = loss.cross_entropy(loss.logits_fn(model.module))
+  score_fn = dynamic.scores_grad2 if score == "grad2" else regularize.fisher
+  scores = score_fn(loss_fn, params, frozen, [batches.get(s) for s in range(2)])
+  after = _params(out, steps)
   index = tree.flatten(dynamic.top_entries(scores, 0.05))
   for p, before in tree.flatten(params).items():
     s = np.asarray(tree.flatten(scores)[p]).reshape(-1)
@@ -183,6 +198,8 @@ def test_sparse_trains_only_the_top_entries_of_each_tensor(tiny_llama_dir, rever
     moved = np.flatnonzero(np.asarray(before).reshape(-1) != after[p].reshape(-1))
     assert set(moved.tolist()) <= set(top.tolist()), p  # nothing outside the mask moved
     assert len(moved) >= 0.9 * k, p  # (and the chosen entries did)
+  if score == "fisher":
+    return
   # the optimizer state is the chosen entries' (Adam mu and nu) plus their int32 indices
   rep = partition.report(cfg, 1)
   chosen = sum(dynamic.sparse_size(int(np.prod(v.shape)), 0.05) for v in

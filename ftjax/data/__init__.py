@@ -274,14 +274,16 @@ def load_splits(cfg: DataConfig, tokenizer: Any) -> Data:
   labels = _labels(train_parts, cfg)
   train_rows = [(p, np.arange(len(p))) for p in train_parts]
   eval_rows = None
-  if cfg.eval_fraction:
-    total = sum(len(p) for p in train_parts)
+  if cfg.eval_fraction:  # held out of data.train's records (not of data.mix's sources)
+    primary = [p for p, (_, _, what) in zip(train_parts, sources_) if what == "data.train"]
+    total = sum(len(p) for p in primary)
     held = np.zeros(total, bool)
     held[np.random.default_rng(cfg.split_seed).permutation(total)[
         :max(1, round(total * cfg.eval_fraction))]] = True
-    starts = np.cumsum([0] + [len(p) for p in train_parts])
-    eval_rows = [(p, np.flatnonzero(held[s:s + len(p)])) for p, s in zip(train_parts, starts)]
-    train_rows = [(p, np.flatnonzero(~held[s:s + len(p)])) for p, s in zip(train_parts, starts)]
+    starts = np.cumsum([0] + [len(p) for p in primary])
+    eval_rows = [(p, np.flatnonzero(held[s:s + len(p)])) for p, s in zip(primary, starts)]
+    train_rows = [(p, np.flatnonzero(~held[s:s + len(p)])) for p, s in zip(primary, starts)] + \
+        train_rows[len(primary):]
   if cfg.mix:
     train_rows = mix_rows([(p, r, w) for (p, r), w in zip(train_rows, weights)], cfg.split_seed)
   train = _finish(train_rows, cfg, labels, "data.train", tokenizer)  # fails before eval is read

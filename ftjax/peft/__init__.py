@@ -6,10 +6,10 @@ of trained parameter paths; everything else is frozen. The flow:
   spec = peft.build_spec(cfg.peft, base_paths, model_cfg, family)   # a Method
   module = module.clone(peft=spec)
   params = peft.init(module, base_params, rng)          # base + fresh PEFT leaves
-  trained = peft.trainable_paths(cfg.peft, base_paths, params)
 
-Freezing by pattern (`peft.trainable`, `peft.frozen`) works alone (method none: BitFit, last
-layers, norms only) and on top of any method (LoRA plus a trained head).
+What trains — the method's own leaves by default, plus or minus what `partition.rules`,
+`peft.trainable` and `peft.frozen` choose — is the partition of ftjax.rules (decided in
+ftjax.assembly).
 """
 
 from __future__ import annotations
@@ -73,22 +73,6 @@ def init(module, base: dict, rng: jax.Array, text_ids: Optional[list[int]] = Non
   return tree.unflatten(spec.finish(flat, finish_rng, text_ids, ctx))
 
 
-def trainable_paths(cfg: PeftConfig, base_paths: list[str], params: dict) -> set[str]:
-  """Which leaves train: the method's own, plus `peft.trainable`, minus `peft.frozen`."""
-  paths = list(tree.flatten(params))
-  base = set(base_paths)
-  if cfg.trainable:
-    chosen = tree.match(cfg.trainable, base_paths, "peft.trainable (over base-model parameters)")
-  else:
-    chosen = set(base) if cfg.method == "none" else set()
-  chosen |= {p for p in paths if p not in base}
-  if cfg.frozen:
-    chosen -= tree.match(cfg.frozen, paths, "peft.frozen")
-  if not chosen:
-    raise UserError("peft: no parameter is left to train (check peft.trainable / peft.frozen)")
-  return chosen
-
-
 def eject(spec: Method, params: dict) -> tuple[Method, dict]:
   """The inference form: e.g. prefix MLPs replaced by the flat prefixes they produce."""
   spec, flat = spec.eject(tree.flatten(params))
@@ -106,4 +90,4 @@ def merge(spec: Method, params: dict) -> dict:
 
 
 __all__ = ["METHODS", "PEFT_TYPES", "NONE", "Context", "Method", "build_spec", "check_context",
-           "eject", "init", "merge", "merge_refusal", "trainable_paths"]
+           "eject", "init", "merge", "merge_refusal"]
