@@ -10,9 +10,10 @@ Both are Optax wrappers around the run's chain, so the train step is compiled on
   The choice is a pure function of (seed, window index), and the window's layer mask is kept in
   the state, so resuming reproduces it. LMFlow's LISA rebuilds the optimizer at each switch and
   keeps the frozen layers' state; here nothing is rebuilt and nothing of the idle layers moves.
-  Each layer's Adam bias correction uses the count of all updates, not its own (a layer that
-  first trains late takes larger steps at first than a fresh Adam would), and windows count
-  applied updates: a step skipped for non-finite gradients does not advance them.
+  Each layer keeps its own optimizer state, step count included (Adam's bias correction counts
+  the updates of that layer, as torch's per-parameter state does); the lr schedule follows the
+  run's steps. Windows count applied updates: a step skipped for non-finite gradients does not
+  advance them.
 - `sparse(inner, density)`: sparse fine-tuning by importance (as FISH masks, Sung et al. 2021):
   of each trainable tensor only its top `density` fraction of entries, by a score, trains. The
   chosen flat indices live in the state (`SparseState.index`, filled by `with_index` once the
@@ -37,9 +38,13 @@ from ftjax import tree
 
 
 class LisaState(NamedTuple):
-  inner: Any
+  groups: tuple  # the inner chain's state per group of leaves: each decoder layer, the rest
   count: jax.Array  # updates so far
   layers: jax.Array  # bool (num_layers,): the layers the current window trains
+
+
+class LisaGradState(NamedTuple):
+  count: jax.Array  # updates so far (the same count as LisaState's)
 
 
 def lisa_layers(count: jax.Array, num_layers: int, k: int, every: int, seed: int) -> jax.Array:
@@ -49,40 +54,57 @@ def lisa_layers(count: jax.Array, num_layers: int, k: int, every: int, seed: int
   return jnp.zeros((num_layers,), bool).at[chosen].set(True)
 
 
-def _state_mask(state: Any, mask: dict) -> Any:
-  """A tree like `state`: each per-parameter buffer (found by its key path, see `tree.owner`)
-  gets its parameter's mask, the rest (step counts) True."""
-  flat = tree.flatten(mask)
-  known = set(flat)
+def lisa_grads(layer_of: dict[str, Optional[int]], num_layers: int, k: int, every: int,
+               seed: int = 0) -> optax.GradientTransformation:
+  """Zeroes the gradients of the layers outside the current LISA window: put it ahead of
+  clipping, so that the global norm is the window's."""
+  def update(grads, state, params=None):
+    del params
+    on = lisa_layers(state.count, num_layers, k, every, seed)
+    flat = tree.flatten(grads)
+    out = {p: g if layer_of[p] is None else jnp.where(on[layer_of[p]], g, jnp.zeros_like(g))
+           for p, g in flat.items()}
+    return tree.unflatten(out), LisaGradState(state.count + 1)
+  return optax.GradientTransformation(lambda _: LisaGradState(jnp.zeros((), jnp.int32)), update)
 
-  def leaf_mask(keypath, _):
-    path = tree.owner(keypath, known)
-    return flat[path] if path is not None else jnp.bool_(True)
-  return jax.tree_util.tree_map_with_path(leaf_mask, state)
+
+def _only_if(active: jax.Array, updates: Any, new: Any, old: Any) -> tuple[Any, Any]:
+  """(updates, new state) where `active`, else (zeros, the old state)."""
+  return (jax.tree.map(lambda x: jnp.where(active, x, jnp.zeros_like(x)), updates),
+          jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old))
 
 
 def lisa(inner: optax.GradientTransformation, layer_of: dict[str, Optional[int]],
          num_layers: int, k: int, every: int, seed: int = 0) -> optax.GradientTransformation:
   """`inner` restricted, window by window, to `k` random decoder layers (see the module
-  docstring). `layer_of` maps each trainable leaf's path to its layer (None: outside layers)."""
-  def masks(count):
-    on = lisa_layers(count, num_layers, k, every, seed)
-    flat = {p: (on[i] if i is not None else jnp.bool_(True)) for p, i in layer_of.items()}
-    return on, tree.unflatten(flat)
+  docstring). `layer_of` maps each trainable leaf's path to its layer (None: outside layers).
+  Each layer (and the leaves outside layers, together) has its own state of `inner`, updated
+  only in the windows that train it, so its step count (Adam's bias correction) is its own, as
+  with torch's per-parameter optimizer state. `inner` must be per-leaf (no global norm: clip
+  before it) and its step-dependent parts (the lr schedule) belong after it."""
+  groups = sorted({i for i in layer_of.values() if i is not None}) + [None]
+  members = {g: sorted(p for p, i in layer_of.items() if i == g) for g in groups}
+  groups = [g for g in groups if members[g]]
+
+  def part(flat, g):
+    return tree.unflatten({p: flat[p] for p in members[g]})
 
   def init(params):
-    return LisaState(inner.init(params), jnp.zeros((), jnp.int32),
+    flat = tree.flatten(params)
+    return LisaState(tuple(inner.init(part(flat, g)) for g in groups), jnp.zeros((), jnp.int32),
                      lisa_layers(jnp.zeros((), jnp.int32), num_layers, k, every, seed))
 
   def update(grads, state, params=None):
-    on, mask = masks(state.count)
-    zero = lambda x, m: jnp.where(m, x, jnp.zeros_like(x))
-    grads = jax.tree.map(zero, grads, mask)
-    updates, new_inner = inner.update(grads, state.inner, params)
-    updates = jax.tree.map(zero, updates, mask)
-    keep = _state_mask(new_inner, mask)
-    new_inner = jax.tree.map(lambda n, o, m: jnp.where(m, n, o), new_inner, state.inner, keep)
-    return updates, LisaState(new_inner, state.count + 1, on)
+    on = lisa_layers(state.count, num_layers, k, every, seed)
+    flat_g, flat_p = tree.flatten(grads), tree.flatten(params) if params is not None else None
+    out, states = {}, []
+    for g, old in zip(groups, state.groups):
+      u, new = inner.update(part(flat_g, g), old, None if flat_p is None else part(flat_p, g))
+      if g is not None:  # a layer: only inside its windows
+        u, new = _only_if(on[g], u, new, old)
+      out.update(tree.flatten(u))
+      states.append(new)
+    return tree.unflatten(out), LisaState(tuple(states), state.count + 1, on)
 
   return optax.GradientTransformation(init, update)
 

@@ -150,26 +150,31 @@ def build(cfg: OptimConfig, total_steps: int, params: dict, num_layers: int = 0,
   paths = list(tree.flatten(params))
   found = decisions(cfg, paths, family, rules)
   coefficients = {p: d.weight_decay for p, d in found.items()}
-  if any(coefficients.values()):
-    values = set(coefficients.values()) - {0.0}
-    decay = optax.add_decayed_weights(values.pop(), tree.unflatten(
-        {p: c > 0 for p, c in coefficients.items()})) if len(values) == 1 \
-        else decayed_weights(coefficients)
-  else:
+  lisa = dynamic is not None and dynamic.lisa.layers
+  values = set(coefficients.values()) - {0.0}
+  if not values:
     decay = optax.identity()
-  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-  parts += _direction(cfg, decay)
-  parts.append(optax.scale_by_learning_rate(lr))
+  elif len(values) == 1 and not lisa:  # (LISA's per-layer states need a per-leaf transform)
+    decay = optax.add_decayed_weights(values.pop(), tree.unflatten(
+        {p: c > 0 for p, c in coefficients.items()}))
+  else:
+    decay = decayed_weights(coefficients)
+  clip = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+  direction = _direction(cfg, decay)
+  tail = [optax.scale_by_learning_rate(lr)]
   scales = lr_multipliers(cfg, paths, num_layers, family, rules)
   if any(m != 1.0 for m in scales.values()):
     factors = tree.unflatten({p: jnp.float32(m) for p, m in scales.items()})
-    parts.append(optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, factors)))
-  tx = optax.chain(*parts)
-  if dynamic is not None and dynamic.lisa.layers:
+    tail.append(optax.stateless(lambda updates, _: jax.tree.map(jnp.multiply, updates, factors)))
+  if lisa:
     if family is None or not num_layers:
       raise ValueError("partition.lisa needs the model family and its number of layers")
-    tx = dynamic_lib.lisa(tx, {p: family.layer_index(p) for p in paths}, num_layers,
-                          dynamic.lisa.layers, dynamic.lisa.every, seed)
-  elif dynamic is not None and dynamic.sparse.density:
-    tx = dynamic_lib.sparse(tx, dynamic.sparse.density)
+    args = ({p: family.layer_index(p) for p in paths}, num_layers, dynamic.lisa.layers,
+            dynamic.lisa.every, seed)
+    tx = optax.chain(dynamic_lib.lisa_grads(*args), *clip,
+                     dynamic_lib.lisa(optax.chain(*direction), *args), *tail)
+  else:
+    tx = optax.chain(*clip, *direction, *tail)
+    if dynamic is not None and dynamic.sparse.density:
+      tx = dynamic_lib.sparse(tx, dynamic.sparse.density)
   return (optax.chain(*first, tx) if first else tx), lr

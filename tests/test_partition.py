@@ -205,3 +205,41 @@ def test_sparse_trains_only_the_top_entries_of_each_tensor(score, tiny_llama_dir
   chosen = sum(dynamic.sparse_size(int(np.prod(v.shape)), 0.05) for v in
                tree.flatten(params).values())
   assert rep.opt_bytes == chosen * (4 + 4 + 4) + 4 + 4 + 1  # + two step counts, the ready flag
+
+
+def test_lisa_gives_each_layer_its_own_adam_state_and_the_runs_schedule():
+  """Per layer, LISA's updates are those of a fresh AdamW that steps only in that layer's
+  windows (torch's per-parameter state), at the lr of the run's step."""
+  import optax
+
+  from ftjax import models, optim
+  from ftjax.config import LisaConfig, OptimConfig, PartitionConfig
+  family = models.for_model_type("llama")
+  shapes = {"embed_tokens/embedding": (5, 3), "norm/scale": (3,),
+            **{f"layers_{i}/mlp/up_proj/kernel": (3, 4) for i in range(4)}}
+  rng = np.random.default_rng(0)
+  params = tree.unflatten({p: jax.numpy.asarray(rng.normal(size=s), jax.numpy.float32)
+                           for p, s in shapes.items()})
+  cfg = OptimConfig(lr=0.01, schedule="linear", weight_decay=0.1, clip_norm=0.0)
+  steps, every = 12, 3
+  tx, lr = optim.build(cfg, steps, params, 4, family,
+                       dynamic=PartitionConfig(lisa=LisaConfig(layers=1, every=every)), seed=3)
+  state, got = tx.init(params), params
+  grads = [tree.unflatten({p: jax.numpy.asarray(rng.normal(size=s), jax.numpy.float32)
+                           for p, s in shapes.items()}) for _ in range(steps)]
+  for g in grads:
+    u, state = tx.update(g, state, got)
+    got = optax.apply_updates(got, u)
+  # the reference, leaf by leaf: adam direction + decoupled decay, times the step's lr
+  for p, value in tree.flatten(params).items():
+    layer = family.layer_index(p)
+    adam = optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps)
+    s, x = adam.init(value), value
+    wd = 0.0 if p.endswith(("embedding", "scale")) else 0.1
+    for t, g in enumerate(grads):
+      if layer is not None and not bool(dynamic.lisa_layers(np.int32(t), 4, 1, every, 3)[layer]):
+        continue
+      d, s = adam.update(tree.flatten(g)[p], s)
+      x = x - lr(t) * (d + wd * x)
+    np.testing.assert_allclose(np.asarray(tree.flatten(got)[p]), np.asarray(x), rtol=1e-6,
+                               atol=1e-7, err_msg=p)
