@@ -313,7 +313,7 @@ def _wait_for(predicate, proc, log_file, timeout=240):
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_a_rerun_resumes_exactly(tiny_llama_dir, reverse_data, tmp_path):
-  steps = 100  # the run is still going when SIGTERM lands (5 steps in), and the re-run is short
+  steps = 60  # the run is still going when SIGTERM lands (5 steps in), and the re-run is short
   cfg_file = _cli_config(tmp_path, tiny_llama_dir, reverse_data, steps)
   metrics_file = tmp_path / "run" / "metrics.jsonl"
   log_file = tmp_path / "log.txt"
