@@ -157,7 +157,7 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
     init_from: an HF PEFT adapter directory whose weights (and settings) start the method;
       default `peft_config.init_from`.
     rules: `partition.rules` (PartitionRule), ahead of `peft_config.frozen` / `.trainable`
-      (see ftjax.partition); not with `trainable`.
+      (see ftjax.rules); not with `trainable`.
 
   Raises:
     UserError: for a directory that is not a model, a rule that selects nothing, an adapter
@@ -272,7 +272,7 @@ def _prompt_text(spec: Method, cfg: PeftConfig, tokenizer: Any) -> Optional[list
 def _trainable(cfg: PeftConfig, rule: Any, rules: Sequence[PartitionRule], base_paths: list[str],
                shapes: dict, always: set[str], family: Family) -> set[str]:
   """The trained paths: without a rule, the partition of `rules` then peft.frozen /
-  peft.trainable (see ftjax.partition); with one, its choice plus `always` (a classification
+  peft.trainable (see ftjax.rules); with one, its choice plus `always` (a classification
   head and weights the checkpoint lacked, which start freshly initialised)."""
   if rule is None:
     decisions = prules.decide(prules.user_rules(rules) + prules.sugar(cfg, None), shapes,

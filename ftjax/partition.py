@@ -23,7 +23,7 @@ import numpy as np
 
 from ftjax import assembly, optim, regularize, sharding, tree
 from ftjax.config import Config, UserError
-from ftjax.rules import Decision, for_config, ranges  # noqa: F401  (Decision: re-exported)
+from ftjax.rules import for_config, ranges
 
 
 def _role(path: str, base: set, family: Any) -> str:
