@@ -5,7 +5,7 @@
 
 Weight decay is decoupled (p -= lr * wd * p, as torch's AdamW) and masked: leaves whose path
 matches an `optim.no_decay` regex (norms, biases, embeddings by default) are not decayed, and
-`partition.rules` may set a leaf's decay (see ftjax.partition). `adam` adds the decay to the
+`partition.rules` may set a leaf's decay (see ftjax.rules). `adam` adds the decay to the
 gradient instead (L2, as torch's Adam). The schedule is a pure function of
 the step, so the learning rate logged for a step is the one its update used.
 
@@ -55,7 +55,7 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 def decisions(cfg: OptimConfig, paths: list[str], family=None,
               rules: Sequence[PartitionRule] = ()) -> dict[str, prules.Decision]:
   """Each trainable leaf's lr multiplier and weight decay: `rules` (partition.rules) first, then
-  optim.lr_groups and optim.no_decay (see ftjax.partition)."""
+  optim.lr_groups and optim.no_decay (see ftjax.rules)."""
   return prules.decide(prules.user_rules(rules) + prules.sugar(None, cfg), paths, family,
                        base_paths=(), method="lora", weight_decay=cfg.weight_decay,
                        check=("trainable",))
