@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import (assembly, checkpoint, config, data, dynamic, evaluation, hf, loop, loss,
-                   metrics, optim, partition, regularize, sharding, step, tree)
+from ftjax import (assembly, checkpoint, config, data, evaluation, hf, loop, loss, metrics,
+                   optim, partition, regularize, sharding, start, step, tree)
 from ftjax.config import Config, UserError
 
 logger = logging.getLogger("ftjax.train")  # not __main__ under python -m
@@ -261,7 +261,8 @@ def _setup(cfg: Config, d: Data) -> Setup:
               f"{jnp.dtype(dtype).name}, optimizer {cfg.optim.name}; {len(d.train)} train / "
               f"{sum(len(x) for x in d.evals.values())} eval examples")
   logger.info(partition.report(cfg, model=model).summary())
-  fisher = _ewc_fisher(cfg, d, model, params, frozen, mesh) if cfg.regularize.ewc.lam else None
+  fisher = start.ewc_fisher(cfg, d.ewc, d.pad_id, loss_for(cfg, model), params, frozen,
+                            mesh) if cfg.regularize.ewc.lam else None
   decayed = optim.decay_mask(cfg.optim, params, model.family, cfg.partition.rules)
   tx, lr_schedule = optim.build(cfg.optim, cfg.train.steps, params, model.config.num_layers,
                                 model.family, rules=cfg.partition.rules, dynamic=cfg.partition,
@@ -336,7 +337,7 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
     config.dump(cfg, os.path.join(out_dir, "config.yaml"))
   log = metrics.MetricsLog(out_dir, result.start_step, enabled=main)
   if not restored and cfg.partition.sparse.density:
-    state = _choose_sparse(cfg, d, state, frozen, loss_for(cfg, model), mesh)
+    state = start.choose_sparse(cfg, d.batches, state, frozen, loss_for(cfg, model), mesh)
 
   apply_fn = loss.logits_fn(model.module)
   batch_sh = sharding.batch_sharding(mesh, 3)
@@ -402,70 +403,6 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
     log.close()
   result.plot = metrics.plot(out_dir) if main else None
   return result
-
-
-def _ewc_fisher(cfg: Config, d: Data, model: assembly.Model, params: dict, frozen: dict,
-                mesh) -> dict:
-  """EWC's diagonal Fisher of the starting model over regularize.ewc.data: read from the run
-  directory's ewc_fisher.safetensors, or computed once and saved there."""
-  path = os.path.join(cfg.train.output_dir, "ewc_fisher.safetensors")
-  ewc = cfg.regularize.ewc
-  made_from = {"model": os.path.abspath(cfg.model.path), "data": ewc.data,
-               "max_examples": ewc.max_examples, "seq_len": cfg.data.seq_len,
-               "format": cfg.data.format}
-  if os.path.isfile(path):
-    try:
-      fisher, saved_from = regularize.load(path, with_metadata=True)
-    except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f"{path}: cannot read the saved Fisher ({str(e).splitlines()[0]}); "
-                      "delete it to compute it again") from None
-    shapes = {p: tuple(v.shape) for p, v in tree.flatten(params).items()}
-    if {p: tuple(v.shape) for p, v in tree.flatten(fisher).items()} != shapes:
-      raise UserError(f"{path} holds the Fisher of other parameters than this config trains "
-                      "(use a new train.output_dir)")
-    if saved_from != made_from:
-      raise UserError(f"{path} was computed from {saved_from}, this config asks for "
-                      f"{made_from} (use a new train.output_dir, or delete the file)")
-    logger.info(f"regularize.ewc: the Fisher of the starting model from {path}")
-    return fisher
-  rep = sharding.replicated(mesh)
-  batches = (sharding.put_batch(b, rep) for b in data.eval_batches(
-      d.ewc, cfg.eval.batch_size, cfg.data.seq_len, d.pad_id, cfg.data.buckets))
-  try:
-    fisher = regularize.fisher(loss_for(cfg, model), params, frozen, batches)
-  except ValueError as e:
-    raise UserError(f"regularize.ewc.data: {e}") from None
-  if jax.process_count() > 1:  # whole arrays on every host, for process 0 to write
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    host = multihost_utils.process_allgather(fisher, tiled=True)
-  else:
-    host = fisher
-  if jax.process_index() == 0:
-    regularize.save(path, host, metadata=made_from)
-  logger.info(f"regularize.ewc: the Fisher of the starting model over {len(d.ewc)} examples "
-              f"of {', '.join(cfg.regularize.ewc.data)}, saved to {path}")
-  return fisher
-
-
-def _choose_sparse(cfg: Config, d: Data, state: step.TrainState, frozen: dict,
-                   loss_fn: loss.LossFn, mesh) -> step.TrainState:
-  """partition.sparse: scores the first `warmup_steps` batches of the data order (no update),
-  then keeps the top `density` of each trainable tensor's entries in the optimizer state."""
-  sparse = cfg.partition.sparse
-  batch_sh = sharding.batch_sharding(mesh, 2)
-  batches = (sharding.put_batch(d.batches.get(s), batch_sh) for s in range(sparse.warmup_steps))
-  if sparse.score == "fisher":
-    from ftjax import regularize  # pylint: disable=import-outside-toplevel
-    scores = regularize.fisher(loss_fn, state.params, frozen, batches)
-  else:
-    scores = dynamic.scores_grad2(loss_fn, state.params, frozen, batches,
-                                  grad_accum=cfg.train.grad_accum)
-  index = dynamic.top_entries(scores, sparse.density)
-  chosen = sum(int(i.size) for i in jax.tree.leaves(index))
-  logger.info(f"partition.sparse: scored {sparse.warmup_steps} batch(es) by {sparse.score}; "
-              f"{chosen:,} of {tree.count(state.params):,} trainable entries train "
-              f"(density {sparse.density:g})")
-  return state.replace(opt_state=dynamic.with_index(state.opt_state, index))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
