@@ -11,18 +11,25 @@ library". The submodules stay importable for what this namespace does not lift:
 Partitions and forgetting: `PartitionRule` rules (`load_model(..., rules=[...])`, see
 ftjax.rules), LISA and sparse updates as Optax wrappers (`lisa`, `sparse`), L2-SP and EWC as
 Optax transforms (`l2sp`, `ewc`, `fisher`), and the invariant checks of ftjax.invariants.
+
+Preference tuning: `preference_loss(PreferenceConfig(...), sequence_logps(model.module))` is a
+loss for `make_train_step` over batches of pairs (rows chosen, rejected, ...) that carry the
+reference's scores as `ref_logps`; `reference_fn` computes them (see ftjax.preference).
 """
 
 from ftjax import (assembly, config, data, dynamic, hf, invariants, loss, models, optim, peft,
-                   regularize, rules, step, tree)
+                   preference, regularize, rules, step, tree)
 from ftjax.assembly import Model, compute_dtype, load_model, save_adapter, save_merged
 from ftjax.config import (AdapterConfig, Config, DataConfig, IA3Config, LoraConfig, OptimConfig,
-                          PartitionRule, PeftConfig, PrefixConfig, PromptConfig, UserError)
+                          PartitionRule, PeftConfig, PreferenceConfig, PrefixConfig,
+                          PromptConfig, UserError)
 from ftjax.dynamic import lisa, sparse
 from ftjax.data import Batches, Example
 from ftjax.hf import load_tokenizer
 from ftjax.loss import (chunked_cross_entropy, cross_entropy, distillation, logits_fn,
                         regularized)
+from ftjax.preference import loss_fn as preference_loss
+from ftjax.preference import reference_fn, sequence_logps
 from ftjax.regularize import ewc, fisher, l2sp
 from ftjax.step import TrainState, eval_step, init_state, make_train_step, train_step
 from ftjax.tree import flatten, label, select, split, unflatten
@@ -31,11 +38,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "Batches", "Config", "DataConfig", "Example", "IA3Config", "LoraConfig",
-    "Model", "OptimConfig", "PartitionRule", "PeftConfig", "PrefixConfig", "PromptConfig",
-    "TrainState", "UserError", "assembly", "chunked_cross_entropy", "compute_dtype", "config",
-    "cross_entropy", "data", "distillation", "dynamic", "eval_step", "ewc", "fisher", "flatten",
-    "hf", "init_state", "invariants", "l2sp", "label", "lisa", "load_model", "load_tokenizer",
-    "logits_fn", "loss", "make_train_step", "models", "optim", "peft", "regularize",
-    "regularized", "rules", "save_adapter", "save_merged", "select", "sparse", "split", "step",
+    "Model", "OptimConfig", "PartitionRule", "PeftConfig", "PreferenceConfig", "PrefixConfig",
+    "PromptConfig", "TrainState", "UserError", "assembly", "chunked_cross_entropy",
+    "compute_dtype", "config", "cross_entropy", "data", "distillation", "dynamic", "eval_step",
+    "ewc", "fisher", "flatten", "hf", "init_state", "invariants", "l2sp", "label", "lisa",
+    "load_model", "load_tokenizer", "logits_fn", "loss", "make_train_step", "models", "optim",
+    "peft", "preference", "preference_loss", "reference_fn", "regularize", "regularized", "rules",
+    "save_adapter", "save_merged", "select", "sequence_logps", "sparse", "split", "step",
     "train_step", "tree", "unflatten",
 ]

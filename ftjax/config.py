@@ -104,7 +104,8 @@ class DataConfig:
   mix: list[MixSource] = dataclasses.field(default_factory=list)
   eval_fraction: float = 0.0  # without data.eval: hold out this fraction of data.train's records
   split_seed: int = 0  # which records data.eval_fraction holds out
-  format: Literal["text", "prompt_completion", "chat", "classification"] = "text"
+  # preference: pairs of completions, {prompt, chosen, rejected} (strings, or messages)
+  format: Literal["text", "prompt_completion", "chat", "classification", "preference"] = "text"
   text_field: str = "text"
   prompt_field: str = "prompt"
   completion_field: str = "completion"
@@ -202,6 +203,23 @@ class DistillConfig:
 
 
 @dataclasses.dataclass
+class PreferenceConfig:
+  """Preference tuning (data.format: preference); each loss as TRL defines it (ftjax.preference)."""
+
+  # sigmoid (DPO), ipo, hinge, robust (label-smoothed cDPO), simpo and orpo (reference-free)
+  loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
+  beta: float = 0.1
+  label_smoothing: float = 0.0  # robust and simpo: the assumed fraction of flipped labels
+  simpo_gamma: float = 0.5  # simpo: the target reward margin
+  orpo_lambda: float = 0.1  # orpo: the weight of the odds-ratio term beside the chosen NLL
+  # base: the starting model with the PEFT method off; initial: a frozen copy of the starting
+  # trainable parameters; precomputed: one pass before training, kept in the run directory;
+  # none: reference-free losses. "": none for simpo/orpo, else base where it is exact, else
+  # initial.
+  reference: Literal["", "base", "initial", "precomputed", "none"] = ""
+
+
+@dataclasses.dataclass
 class MeshConfig:
   # Devices per mesh axis; -1: the devices left. data x fsdp x tensor must divide the devices.
   data: int = 1  # batch split, parameters replicated
@@ -279,6 +297,7 @@ class Config:
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+  preference: PreferenceConfig = dataclasses.field(default_factory=PreferenceConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
   partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
@@ -465,6 +484,27 @@ def _validate(cfg: Config) -> None:
        "model.attention cudnn needs one example per row (data.packing false); use auto or xla"),
       (not (cfg.data.packing and cfg.data.format == "classification"),
        "data.packing is for language-model formats, not classification"),
+      (not (cfg.data.packing and cfg.data.format == "preference"),
+       "data.packing cannot be used with data.format preference (a pair's chosen and rejected "
+       "sequences are rows side by side, one example each)"),
+      (cfg.preference.beta > 0, "preference.beta must be > 0"),
+      (0 <= cfg.preference.label_smoothing < 0.5, "preference.label_smoothing must be in [0, 0.5)"),
+      (not cfg.preference.label_smoothing or cfg.preference.loss in ("robust", "simpo"),
+       f"preference.label_smoothing is used by losses robust and simpo only, not "
+       f"{cfg.preference.loss} (TRL ignores it there)"),
+      (cfg.preference.orpo_lambda >= 0, "preference.orpo_lambda must be >= 0"),
+      (cfg.preference.loss not in ("simpo", "orpo") or cfg.preference.reference in ("", "none"),
+       f"preference.loss {cfg.preference.loss} is reference-free: preference.reference must be "
+       f"none (or unset), not {cfg.preference.reference}"),
+      (cfg.preference.loss in ("simpo", "orpo") or cfg.preference.reference != "none",
+       f"preference.loss {cfg.preference.loss} compares with a reference model: "
+       "preference.reference must be base, initial or precomputed"),
+      (not (cfg.data.format == "preference" and cfg.distill.teacher),
+       "distill.teacher and data.format preference cannot be combined"),
+      (not (cfg.data.format == "preference" and
+            (cfg.regularize.ewc.lam or cfg.partition.sparse.density)),
+       "regularize.ewc and partition.sparse score gradients of the SFT loss; they cannot be "
+       "combined with data.format preference"),
       (not (cfg.data.packing and cfg.peft.method == "prompt"),
        "data.packing cannot be used with peft.method prompt (soft tokens are prepended per row, "
        "not per example)"),

@@ -167,6 +167,10 @@ def load(req: Request) -> Target:
     raise UserError(f"--seq-len {seq_len} is longer than the model's context ({context} "
                     "positions)")
   fmt = req.format or target.cfg.data.format
+  if fmt == "preference":
+    raise UserError(f"{req.run}: a preference run's pairs are scored during the run "
+                    "(eval_rewards/* in metrics.jsonl); evaluate its model here on another "
+                    "format (--format text, prompt_completion or chat)")
   if req.samples and fmt in ("text", "classification"):
     raise UserError(f"--samples completes prompts: --format {fmt} has none (use "
                     "prompt_completion or chat)")

@@ -54,8 +54,13 @@ def evaluate(eval_fn, params, frozen, examples, cfg: Config, pad_id: int) -> dic
 
 
 def describe(result: dict) -> str:
-  """One line for the log: the metrics `evaluate` (and `generated`) computed."""
+  """One line for the log: the metrics `evaluate` (and `generated`, or preference.evaluate)
+  computed."""
   line = f"eval loss {result['eval_loss']:.4f}"
+  if "eval_rewards/accuracies" in result:
+    return (line + f", reward accuracy {result['eval_rewards/accuracies']:.3f}, margin "
+            f"{result['eval_rewards/margins']:.4f}, logps chosen "
+            f"{result['eval_logps/chosen']:.2f} / rejected {result['eval_logps/rejected']:.2f}")
   if "eval_f1" in result:
     return line + f", accuracy {result['eval_accuracy']:.3f}, macro-F1 {result['eval_f1']:.3f}"
   line += f", ppl {result['eval_ppl']:.2f}, token accuracy {result['eval_accuracy']:.3f}"

@@ -141,6 +141,7 @@ class Loop:
               "tokens_per_s": tokens / max(time.perf_counter() - since, 1e-9)}
     if self.cfg.distill.teacher:
       record["kl"] = float(metrics["kl"])
+    record.update({k: float(v) for k, v in metrics.items() if "/" in k})  # rewards/*, logps/*
     if self.cfg.precision.compute == "fp16":
       record["loss_scale"] = float(metrics["loss_scale"])
     if int(metrics["skipped"]):

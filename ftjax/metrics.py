@@ -108,7 +108,9 @@ class MetricsLog:
 
 
 def plot(output_dir: str) -> Optional[str]:
-  """Draws train/eval loss and the learning rate from metrics.jsonl into loss.png."""
+  """Draws train/eval loss and the learning rate from metrics.jsonl into loss.png (and, for
+  preference tuning, the reward accuracy: how often the chosen completion out-scores the
+  rejected one)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -122,8 +124,20 @@ def plot(output_dir: str) -> Optional[str]:
   names = sorted({k[5:-5] for r in records for k in r
                   if k.startswith("eval_") and k.endswith("_loss") and k != "eval_loss"})
   keys = [(f"eval_{n}_loss", f"eval loss: {n}") for n in names] or [("eval_loss", "eval loss")]
-  fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
-                                  gridspec_kw={"height_ratios": [3, 1]})
+  rewards = any("rewards/accuracies" in r or "eval_rewards/accuracies" in r for r in records)
+  fig, axes = plt.subplots(3 if rewards else 2, 1, figsize=(7, 8 if rewards else 6), sharex=True,
+                           gridspec_kw={"height_ratios": [3, 2, 1] if rewards else [3, 1]})
+  ax, ax_lr = axes[0], axes[-1]
+  if rewards:
+    for key, style, name in [("rewards/accuracies", "-", "train (batch)"),
+                             ("eval_rewards/accuracies", "o-", "eval")]:
+      points = [(r["step"], r[key]) for r in records if key in r]
+      if points:
+        axes[1].plot(*zip(*points), style, label=name, lw=1)
+    axes[1].set_ylabel("reward accuracy")
+    axes[1].set_ylim(-0.05, 1.05)
+    axes[1].legend()
+    axes[1].grid(alpha=0.3)
   ax.plot(*zip(*train), label="train loss", lw=1)
   for key, name in keys:
     evals = [(r["step"], r[key]) for r in records if key in r]

@@ -1,10 +1,14 @@
-"""What a run computes once, from data, before its first step (and keeps for its resumes).
+"""What a run loads or computes once before its first step (and keeps for its resumes).
 
 - `ewc_fisher`: EWC's diagonal Fisher of the starting model over `regularize.ewc.data`, written
   to `<output_dir>/ewc_fisher.safetensors` with what it was computed from, and read back (and
   checked against the config) when the run resumes.
 - `choose_sparse`: `partition.sparse`'s entries, scored on the first batches of the data order
   with no update; they live in the optimizer state, so a resume restores them.
+- `teacher`: distillation's frozen teacher, read into the run's mesh.
+- `reference`: a preference run's reference model, and for `preference.reference: precomputed`
+  the reference scores of every pair, written to `<output_dir>/reference_logps.safetensors` and
+  read back on resume.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 
 import jax
 
-from ftjax import data, dynamic, loss, regularize, sharding, step, tree
+from ftjax import data, dynamic, hf, loss, preference, regularize, sharding, step, tree
 from ftjax.config import Config, UserError
 
 logger = logging.getLogger(__name__)
@@ -81,3 +85,41 @@ def choose_sparse(cfg: Config, batches: data.Batches, state: step.TrainState, fr
               f"{chosen:,} of {tree.count(state.params):,} trainable entries train "
               f"(density {sparse.density:g})")
   return state.replace(opt_state=dynamic.with_index(state.opt_state, index))
+
+
+def reference(cfg: Config, model, params: dict, frozen: dict, train: list, evals: dict,
+              batches: data.Batches, pad_id: int, mesh: jax.sharding.Mesh, main: bool = True
+              ) -> tuple[preference.Reference, dict]:
+  """The run's reference (see preference.reference_for) and, for precomputed, each split's
+  scores {"train" | "eval_<name>": (pairs, 2)}, which `batches` then carries; the copy of the
+  starting parameters is let go once they are scored."""
+  ref = preference.reference_for(cfg, model, params, cfg.train.loss_chunk)
+  if ref.mode != "precomputed":
+    return ref, {}
+  splits = {"train": train, **{f"eval_{name}": ex for name, ex in evals.items()}}
+  score = lambda examples: preference.score_pairs(ref, frozen, examples, cfg.train.batch_size,
+                                                  cfg, pad_id, mesh)
+  scores = preference.precompute(os.path.join(cfg.train.output_dir, preference.FILE), splits,
+                                 score, main)
+  batches.ref = scores["train"]
+  return preference.Reference("precomputed"), scores
+
+
+def teacher(cfg: Config, tokenizer, model_cfg, dtype, mesh):
+  """The frozen teacher of `distill.teacher`: (loss.Distill, its params, their shardings)."""
+  path = cfg.distill.teacher
+  teacher_tok = hf.load_tokenizer(path)
+  if teacher_tok.get_vocab() != tokenizer.get_vocab():
+    raise UserError(f"distill.teacher: {path} has another tokenizer than {cfg.model.path}; "
+                    "distillation compares next-token distributions token by token, so teacher "
+                    "and student must share one")
+  module, teacher_cfg, _, _ = hf.build(path, dtype)
+  if teacher_cfg.vocab_size != model_cfg.vocab_size:
+    raise UserError(f"distill.teacher: {path} has {teacher_cfg.vocab_size} output tokens, the "
+                    f"student {model_cfg.vocab_size}")
+  layout = sharding.param_shardings(module, mesh)
+  params = hf.load(path, dtype, shardings=layout).params
+  logger.info(f"distilling from {path} (T={cfg.distill.temperature}, alpha={cfg.distill.alpha}, "
+              f"{tree.count(params) / 1e6:.2f}M parameters, frozen)")
+  return (loss.Distill(loss.logits_fn(module), cfg.distill.temperature, cfg.distill.alpha),
+          params, tree.unflatten(layout))

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import (assembly, checkpoint, config, data, evaluation, hf, loop, loss, metrics,
-                   optim, partition, regularize, sharding, start, step, tree)
+                   optim, partition, preference, regularize, sharding, start, step, tree)
 from ftjax.config import Config, UserError
 
 logger = logging.getLogger("ftjax.train")  # not __main__ under python -m
@@ -108,31 +108,15 @@ class Setup:
   memory: dict
 
 
-def _teacher(cfg: Config, tokenizer, model_cfg, dtype, mesh):
-  """The frozen teacher of `distill.teacher`: (loss.Distill, its params, their shardings)."""
-  path = cfg.distill.teacher
-  teacher_tok = hf.load_tokenizer(path)
-  if teacher_tok.get_vocab() != tokenizer.get_vocab():
-    raise UserError(f"distill.teacher: {path} has another tokenizer than {cfg.model.path}; "
-                    "distillation compares next-token distributions token by token, so teacher "
-                    "and student must share one")
-  module, teacher_cfg, _, _ = hf.build(path, dtype)
-  if teacher_cfg.vocab_size != model_cfg.vocab_size:
-    raise UserError(f"distill.teacher: {path} has {teacher_cfg.vocab_size} output tokens, the "
-                    f"student {model_cfg.vocab_size}")
-  layout = sharding.param_shardings(module, mesh)
-  params = hf.load(path, dtype, shardings=layout).params
-  logger.info(f"distilling from {path} (T={cfg.distill.temperature}, alpha={cfg.distill.alpha}, "
-              f"{tree.count(params) / 1e6:.2f}M parameters, frozen)")
-  return (loss.Distill(loss.logits_fn(module), cfg.distill.temperature, cfg.distill.alpha),
-          params, tree.unflatten(layout))
-
-
 def loss_for(cfg: Config, model: assembly.Model, distill: Optional[loss.Distill] = None
              ) -> loss.LossFn:
-  """The run's loss: distillation with a teacher; else the chunked causal-LM cross-entropy
-  unless `train.loss_chunk` is -1 or the model does not allow it; else whole-logit
-  cross-entropy (causal LM or classification)."""
+  """The run's loss: the preference loss for preference pairs; distillation with a teacher;
+  else the chunked causal-LM cross-entropy unless `train.loss_chunk` is -1 or the model does not
+  allow it; else whole-logit cross-entropy (causal LM or classification)."""
+  if cfg.data.format == "preference":
+    logps = preference.sequence_logps(model.module, compute_dtype(cfg.precision.compute),
+                                      cfg.train.loss_chunk)
+    return preference.loss_fn(cfg.preference, logps)
   apply_fn = loss.logits_fn(model.module)
   if distill is not None:
     return loss.distillation(apply_fn, distill)
@@ -205,6 +189,9 @@ def _data(cfg: Config) -> Data:
   for key, value in [("distill.teacher", cfg.distill.teacher), ("eval.samples", cfg.eval.samples)]:
     if classify and value:
       raise UserError(f"{key} works with causal-LM data formats, not data.format classification")
+  if cfg.data.format == "preference" and cfg.eval.samples:
+    raise UserError("eval.samples (generation metrics against a reference completion) does not "
+                    "apply to data.format preference")
   loaded = data.load_splits(cfg.data, tokenizer)
   if classify:
     cfg.data.labels = list(loaded.labels)  # config.yaml records the label order
@@ -317,6 +304,10 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
                       "(use a new train.output_dir)")
 
   state = setup.state
+  ref, scores = None, {}
+  if cfg.data.format == "preference":  # before a restore replaces the starting parameters
+    ref, scores = start.reference(cfg, setup.model, setup.state.params, setup.frozen, d.train,
+                                  d.evals, d.batches, d.pad_id, setup.mesh, main)
   try:
     restored = ckpt.restore_intact(state, resumable)
   except UserError:
@@ -343,8 +334,8 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
   batch_sh = sharding.batch_sharding(mesh, 3)
   distill, teacher, teacher_sh = None, None, None
   if cfg.distill.teacher:
-    distill, teacher, teacher_sh = _teacher(cfg, d.tokenizer, model.config,
-                                            compute_dtype(cfg.precision.compute), mesh)
+    distill, teacher, teacher_sh = start.teacher(cfg, d.tokenizer, model.config,
+                                                 compute_dtype(cfg.precision.compute), mesh)
   jitted = jax.jit(functools.partial(step.train_step, loss_fn=loss_for(cfg, model, distill),
                                      tx=setup.tx,
                                      dynamic_scale=cfg.precision.compute == "fp16",
@@ -352,6 +343,10 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
                    in_shardings=(state_sh, frozen_sh, batch_sh, teacher_sh),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   train_fn = lambda state, frozen, batch: jitted(state, frozen, batch, teacher)
+  if ref is not None:
+    train_fn = lambda state, frozen, batch: jitted(state, frozen, ref.attach(frozen, batch), None)
+    pref_loss = loss_for(cfg, model)
+    pref_eval = jax.jit(lambda p, f, batch: pref_loss(tree.merge(p, f), batch))
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   eval_sh = sharding.batch_sharding(mesh, 2) if cfg.eval.batch_size % shards == 0 \
       else sharding.replicated(mesh)
@@ -360,7 +355,7 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
 
   def eval_fn(p, f, batch):
     if eval_sh.spec and jax.process_count() > 1:  # this process's rows of the global batch
-      share = cfg.eval.batch_size // jax.process_count()
+      share = len(batch["tokens"]) // jax.process_count()
       batch = {k: v[jax.process_index() * share:][:share] for k, v in batch.items()}
     return eval_step(p, f, sharding.put_batch(batch, eval_sh))
 
@@ -369,7 +364,11 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
     each named set as well."""
     out = {}
     for name, examples in d.evals.items():
-      got = evaluation.evaluate(eval_fn, params, frozen, examples, cfg, d.pad_id)
+      if ref is not None:
+        got = preference.evaluate(ref, pref_eval, params, frozen, examples,
+                                  scores.get(f"eval_{name}"), cfg, d.pad_id, mesh)
+      else:
+        got = evaluation.evaluate(eval_fn, params, frozen, examples, cfg, d.pad_id)
       if not out:  # the first set: eval_loss (early stopping) and generation metrics
         out.update(got)
         if cfg.eval.samples:
@@ -426,7 +425,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   before, after = result.before, result.after
   if before and after:
     line = f"held-out eval loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
-    for key, name in [("eval_accuracy", "accuracy"), ("eval_f1", "macro-F1"),
+    for key, name in [("eval_rewards/accuracies", "reward accuracy"),
+                      ("eval_rewards/margins", "reward margin"),
+                      ("eval_accuracy", "accuracy"), ("eval_f1", "macro-F1"),
                       ("eval_exact_match", "exact match"), ("eval_rouge_l", "ROUGE-L")]:
       if key in after and (key != "eval_accuracy" or "eval_f1" in after):
         line += f", {name} {before[key]:.3f} -> {after[key]:.3f}"

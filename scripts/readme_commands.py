@@ -1,12 +1,12 @@
 """Runs the README's quickstart commands exactly as written, each in a new virtual environment,
 as a new user would (CI runs this before the tests, so a missing install step fails CI).
 
-    python scripts/readme_commands.py --check quickstart classify [--keep]
+    python scripts/readme_commands.py --check quickstart classify dpo [--keep]
 
 A command is the first ```bash block after its bold heading (`**Quickstart**`,
-`**Classification quickstart**`). Only overrides that shorten the run are appended (fewer steps,
-fewer generated samples, a scratch output directory); the install and prepare steps run as
-written. Exits 1 naming the command that failed.
+`**Classification quickstart**`, `**Preference quickstart**`). Only overrides that shorten the
+run are appended (fewer steps, fewer generated samples, a scratch output directory); the
+install and prepare steps run as written. Exits 1 naming the command that failed.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADINGS = {"quickstart": "**Quickstart**", "classify": "**Classification quickstart**"}
+HEADINGS = {"quickstart": "**Quickstart**", "classify": "**Classification quickstart**",
+            "dpo": "**Preference quickstart**"}
 SHORTER = {"quickstart": "train.steps=8 eval.samples=4",
-           "classify": "train.steps=8"}
+           "classify": "train.steps=8",
+           "dpo": "train.steps=6 eval.every=3"}
 
 
 def command(name: str, readme: str) -> str:

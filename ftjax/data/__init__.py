@@ -93,6 +93,7 @@ class _Encoded:
   label_id: np.ndarray
   number: np.ndarray
   error: list
+  pair_split: np.ndarray  # preference: where each row's rejected sequence starts
   cached: bool = False
 
   @staticmethod
@@ -109,7 +110,8 @@ class _Encoded:
     column = lambda name: table[name].to_numpy().astype(np.int64)
     return _Encoded(path, unit, offsets, tokens.astype(np.int32), mask.astype(np.int32),
                     column("prompt_len"), table["label_name"].to_pylist(), column("label_id"),
-                    column("number"), table["error"].to_pylist(), cached)
+                    column("number"), table["error"].to_pylist(), column("pair_split"),
+                    cached)
 
   def __len__(self):
     return len(self.number)
@@ -130,6 +132,9 @@ def _encode_file(path: str, cfg: DataConfig, tokenizer: Any) -> _Encoded:
 
   if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
     raise UserError(f"{path}: data.format is chat, but the tokenizer has no chat template")
+  if cfg.format == "preference" and sources.by_line(path) and not path.endswith(".jsonl"):
+    raise UserError(f"{path}: data.format preference reads records with fields (jsonl, json, "
+                    "csv, parquet or a saved dataset), not lines of text")
   raw = sources.read(path, cfg.text_field)
   if not len(raw):
     raise UserError(f"{path}: no records (the file is empty)")
@@ -216,6 +221,11 @@ def _finish(parts: list[tuple[_Encoded, np.ndarray]], cfg: DataConfig, labels: l
         continue
       a, b = part.offsets[i], part.offsets[i + 1]
       tokens, mask = part.tokens[a:b], part.loss_mask[a:b]
+      if part.pair_split[i]:
+        pair = _pair(tokens, mask, int(part.pair_split[i]), cfg, where, stats)
+        if pair is not None:
+          examples.append(Example(*pair[:2], int(part.prompt_len[i]), -1, where, pair[2]))
+        continue
       if len(tokens) > cfg.seq_len:
         if cfg.truncation == "error":
           raise UserError(f"{where} has {len(tokens)} tokens, more than data.seq_len "
@@ -235,6 +245,28 @@ def _finish(parts: list[tuple[_Encoded, np.ndarray]], cfg: DataConfig, labels: l
   if not examples:
     raise UserError(f"no usable examples: {stats.describe(what, 0)}")
   return Split(examples, stats)
+
+
+def _pair(tokens: np.ndarray, mask: np.ndarray, split: int, cfg: DataConfig, where: str,
+          stats: Stats) -> Optional[tuple]:
+  """A preference pair under the truncation policy, each sequence on its own (the start kept, as
+  TRL's default keep_start); None when it is dropped."""
+  sides = [(tokens[:split], mask[:split]), (tokens[split:], mask[split:])]
+  longest = max(len(t) for t, _ in sides)
+  if longest > cfg.seq_len:
+    if cfg.truncation == "error":
+      raise UserError(f"{where} has a sequence of {longest} tokens, more than data.seq_len "
+                      f"({cfg.seq_len}) and data.truncation is 'error'")
+    if cfg.truncation == "drop":
+      stats.too_long += 1
+      return None
+    stats.truncated += 1
+    sides = [(t[:cfg.seq_len], m[:cfg.seq_len]) for t, m in sides]
+  if not all(m[1:].any() for _, m in sides):  # a completion truncated away
+    stats.untrained += 1
+    return None
+  return (np.concatenate([t for t, _ in sides]), np.concatenate([m for _, m in sides]),
+          len(sides[0][0]))
 
 
 def eval_sets(cfg: DataConfig) -> dict[str, list[str]]:

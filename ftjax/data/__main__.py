@@ -52,10 +52,11 @@ def describe(what: str, split: data.Split, cfg: config.Config, pad_id: int,
              labels: list[str]) -> list[str]:
   examples = split.examples
   lines = [split.stats.describe(what, len(examples))]
-  lengths = np.array([len(ex.tokens) for ex in examples])
+  lengths = np.array([len(side.tokens) for ex in examples for side in ex.sides()])
   trained = sum(int(ex.loss_mask[1:].sum()) for ex in examples)
+  unit = "sequence (a pair has two)" if examples[0].split else "example"
   lines.append(f"  tokens: {lengths.sum():,} in all, {trained:,} trained "
-               f"({100 * trained / max(lengths.sum(), 1):.1f}%); per example min {lengths.min()}, "
+               f"({100 * trained / max(lengths.sum(), 1):.1f}%); per {unit} min {lengths.min()}, "
                f"median {int(np.median(lengths))}, max {lengths.max()} (data.seq_len "
                f"{cfg.data.seq_len})")
   if labels:
@@ -67,16 +68,20 @@ def describe(what: str, split: data.Split, cfg: config.Config, pad_id: int,
   if what == "data.train":
     b = data.Batches(examples, cfg.train.batch_size, cfg.data.seq_len, pad_id, cfg.train.seed,
                      packing=cfg.data.packing, buckets=cfg.data.buckets)
+    sides = 2 if b.pairs else 1  # a pair is two rows of a batch
     padded = sum(data.batches.fit(int(b.row_tokens[b.global_rows(s)].max()), b.lengths)
-                 * cfg.train.batch_size for s in range(b.steps_per_epoch))
-    real = sum(int(b.row_tokens[b.global_rows(s)].sum()) for s in range(b.steps_per_epoch))
+                 * cfg.train.batch_size * sides for s in range(b.steps_per_epoch))
+    real = sum(len(examples[b.rows[r][i]].tokens) for s in range(b.steps_per_epoch)
+               for r in b.global_rows(s) for i in range(len(b.rows[r])))
     rows = (f"packed into {len(b.rows)} rows of {cfg.data.seq_len} tokens "
-            f"({100 * b.efficiency:.1f}% full)" if cfg.data.packing else "one example per row")
+            f"({100 * b.efficiency:.1f}% full)" if cfg.data.packing else
+            "one sequence per row, a pair's two side by side" if b.pairs else "one example per row")
     lines.append(f"  rows: {rows}; padded to lengths {'/'.join(map(str, b.lengths))}: "
                  f"{100 * real / padded:.1f}% of the padded tokens are real")
-    lines.append(f"  batches: {b.steps_per_epoch} steps per epoch of {cfg.train.batch_size} rows "
-                 f"(train.steps {cfg.train.steps} = {cfg.train.steps / b.steps_per_epoch:.2f} "
-                 "epochs)")
+    epochs = cfg.train.steps / b.steps_per_epoch
+    lines.append(f"  batches: {b.steps_per_epoch} steps per epoch of {cfg.train.batch_size} "
+                 f"{'pairs' if b.pairs else 'rows'} (train.steps {cfg.train.steps} = "
+                 f"{epochs:.2f} epochs)")
   return lines
 
 
@@ -107,7 +112,12 @@ def main(argv=None) -> int:
     label = f", label {ex.label} {loaded.labels[ex.label]!r}" if ex.label >= 0 else ""
     lines.append(f"\nexample {ex.where}: {len(ex.tokens)} tokens, {int(ex.loss_mask[1:].sum())} "
                  f"trained (between {OPEN} and {CLOSE}){label}")
-    lines.append(render(ex, tokenizer))
+    if ex.split:
+      chosen, rejected = ex.sides()
+      lines += [f"chosen:   {render(chosen, tokenizer)}",
+                f"rejected: {render(rejected, tokenizer)}"]
+    else:
+      lines.append(render(ex, tokenizer))
   print("\n".join(lines))
   return 0
 

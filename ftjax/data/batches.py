@@ -5,6 +5,10 @@ that restart at 0, so attention never crosses examples and no example's first to
 on its neighbour's last (see `loss.token_losses`). Batch `s` is a pure function of (seed, s): the
 rows of epoch e are permuted by a generator seeded with (seed, e), so a resumed run, or another
 process, computes exactly the batches an uninterrupted single process would.
+
+A preference pair is one example holding two sequences (`Example.split`); its batch rows come in
+twos, chosen then rejected (rows 2i and 2i+1), so any split of the rows into micro-batches or
+shards that keeps an even count keeps every pair together. `train.batch_size` counts pairs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,21 @@ class Example:
   prompt_len: int = 0  # tokens before the first target (the generation prompt)
   label: int = -1  # classification: the label id
   where: str = ""  # the file and record it came from
+  split: int = 0  # a preference pair: tokens[:split] is chosen, tokens[split:] rejected
+
+  def sides(self) -> list["Example"]:
+    """The example's sequences: itself, or a pair's chosen and rejected."""
+    if not self.split:
+      return [self]
+    return [Example(self.tokens[:self.split], self.loss_mask[:self.split], self.prompt_len,
+                    where=self.where),
+            Example(self.tokens[self.split:], self.loss_mask[self.split:], self.prompt_len,
+                    where=self.where)]
+
+  @property
+  def length(self) -> int:
+    """The longest sequence's tokens (a row holds one sequence)."""
+    return max(len(x.tokens) for x in self.sides())
 
 
 def bucket_lengths(seq_len: int, buckets: int) -> list[int]:
@@ -39,9 +58,32 @@ def fit(length: int, lengths: list[int]) -> int:
   return lengths[min(bisect.bisect_left(lengths, length), len(lengths) - 1)]
 
 
-def collate(rows: list[list[Example]], length: int, pad_id: int) -> dict[str, np.ndarray]:
+def pair_nll_scale(pairs: list[Example]) -> float:
+  """Pairs over the chosen sequences' tokens after the first: what turns ORPO's summed NLL
+  into a token mean in a loss that is a mean over pairs."""
+  return len(pairs) / max(sum(ex.split - 1 for ex in pairs), 1)
+
+
+def collate(rows: list[list[Example]], length: int, pad_id: int,
+            ref: np.ndarray | None = None, nll_scale: float | None = None
+            ) -> dict[str, np.ndarray]:
   """Rows of examples, right-padded to `length`: tokens, positions, segment_ids (0 = padding),
-  loss_mask, and `labels` (b, 1) (-1 for empty rows) when the examples are labelled."""
+  loss_mask, and `labels` (b, 1) (-1 for empty rows) when the examples are labelled.
+
+  A row of a preference pair becomes two rows (chosen, rejected), with `pair_nll_scale` (see
+  `pair_nll_scale`; of these pairs unless `nll_scale` gives the whole batch's) and, given `ref`
+  (pairs, 2), the reference's scores as `ref_logps` (2 * pairs, 1).
+  """
+  extra = {}
+  pairs = [row[0] for row in rows if row and row[0].split]
+  if pairs:
+    if any(len(row) > 1 for row in rows):
+      raise ValueError("preference pairs are collated one per row")
+    rows = [side for row in rows for side in ([[x] for x in row[0].sides()] if row else [[], []])]
+    scale = pair_nll_scale(pairs) if nll_scale is None else nll_scale
+    extra["pair_nll_scale"] = np.full((len(rows), 1), scale, np.float32)
+    if ref is not None:
+      extra["ref_logps"] = np.asarray(ref, np.float32).reshape(len(rows), 1)
   b = len(rows)
   batch = {
       "tokens": np.full((b, length), pad_id, np.int32),
@@ -63,7 +105,7 @@ def collate(rows: list[list[Example]], length: int, pad_id: int) -> dict[str, np
       at += n
     if labelled and row:
       batch["labels"][i, 0] = row[0].label
-  return batch
+  return {**batch, **extra}
 
 
 def pack(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
@@ -94,10 +136,14 @@ class Batches:
 
   def __init__(self, examples: list[Example], batch_size: int, seq_len: int, pad_id: int,
                seed: int, what: str = "data.train", *, packing: bool = False, buckets: int = 1,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, ref: np.ndarray | None = None):
     self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
     self.pad_id, self.seed, self.lengths = pad_id, seed, bucket_lengths(seq_len, buckets)
-    sizes = np.array([len(ex.tokens) for ex in examples], np.int64)
+    self.ref = ref  # preference: each pair's reference log-probabilities (examples, 2)
+    self.pairs = bool(examples) and bool(examples[0].split)
+    if self.pairs and packing:
+      raise UserError("data.packing cannot be used with preference pairs")
+    sizes = np.array([ex.length for ex in examples], np.int64)
     self.rows = pack(sizes, seq_len) if packing else [[i] for i in range(len(examples))]
     self.row_tokens = np.array([sizes[r].sum() for r in self.rows], np.int64)
     if len(self.rows) < batch_size:
@@ -136,15 +182,26 @@ class Batches:
     length = fit(int(self.row_tokens[chosen].max()), self.lengths)
     share = self.batch_size // self.process_count
     mine = chosen[self.process_index * share:(self.process_index + 1) * share]
-    return collate([[self.examples[i] for i in self.rows[r]] for r in mine], length, self.pad_id)
+    ref, scale = None, None
+    if self.pairs:
+      scale = pair_nll_scale([self.examples[self.rows[r][0]] for r in chosen])
+      ref = None if self.ref is None else self.ref[[self.rows[r][0] for r in mine]]
+    return collate([[self.examples[i] for i in self.rows[r]] for r in mine], length, self.pad_id,
+                   ref, scale)
 
 
 def eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id: int,
-                 buckets: int = 1):
-  """The eval set in order, one example per row, in batches of `batch_size` rows (the last one
-  filled with empty rows, so each bucket compiles once)."""
+                 buckets: int = 1, ref: np.ndarray | None = None):
+  """The eval set in order, one example (or pair) per row, in batches of `batch_size` (the
+  last one filled with empty rows, so each bucket compiles once); `ref`: the pairs' reference
+  log-probabilities (examples, 2)."""
   lengths = bucket_lengths(seq_len, buckets)
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
-    length = fit(max(len(ex.tokens) for ex in chunk), lengths)
-    yield collate([[ex] for ex in chunk] + [[]] * (batch_size - len(chunk)), length, pad_id)
+    length = fit(max(ex.length for ex in chunk), lengths)
+    chunk_ref = None
+    if ref is not None:
+      chunk_ref = np.zeros((batch_size, 2), np.float32)
+      chunk_ref[:len(chunk)] = ref[start:start + len(chunk)]
+    yield collate([[ex] for ex in chunk] + [[]] * (batch_size - len(chunk)), length, pad_id,
+                  chunk_ref)

@@ -9,7 +9,11 @@ token is a training target:
 - `prompt_completion` on the completion and its EOS;
 - `chat` on the assistant turns, each through its end-of-turn marker, rendered with the
   tokenizer's own chat template (see `_chat`);
-- `classification` on nothing: the example carries a label (a name or an integer id).
+- `classification` on nothing: the example carries a label (a name or an integer id);
+- `preference` on the completions of a pair: the record's prompt with its `chosen` and with its
+  `rejected` completion, each tokenised whole (strings, with EOS), or rendered through the chat
+  template (messages); the prompt's own tokens must be a prefix of both. The two sequences are
+  stored one after the other, `pair_split` tokens of chosen first.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ FEATURES = datasets.Features({
     "label_id": datasets.Value("int64"),  # classification, when the label is an id; else -1
     "number": datasets.Value("int64"),  # the record's number (line number in line files)
     "error": datasets.Value("string"),  # why the record is unusable; "" when it is fine
+    "pair_split": datasets.Value("int32"),  # preference: where rejected starts; else 0
 })
 
 
@@ -45,7 +50,8 @@ def _string(record: dict, name: str, where: str) -> str:
   return value
 
 
-def _messages(record: dict, cfg: DataConfig, where: str) -> list[dict]:
+def _messages(record: dict, cfg: DataConfig, where: str, need_assistant: bool = True
+              ) -> list[dict]:
   messages = record.get(cfg.messages_field)
   if not isinstance(messages, list) or not messages:
     raise UserError(f"{where} field '{cfg.messages_field}' is missing or not a non-empty list of "
@@ -56,7 +62,7 @@ def _messages(record: dict, cfg: DataConfig, where: str) -> list[dict]:
     if m.get("role") not in ROLES:
       raise UserError(f"{where} message {j} has unknown role {m.get('role')!r} "
                       f"(known: {', '.join(ROLES)})")
-  if not any(m["role"] == "assistant" for m in messages):
+  if need_assistant and not any(m["role"] == "assistant" for m in messages):
     raise UserError(f"{where} has no assistant turn to train on")
   return [{k: v for k, v in m.items() if v is not None} for m in messages]  # typed files: nulls
 
@@ -69,6 +75,39 @@ def _label(record: dict, name: str, where: str) -> str | int:
   if isinstance(value, int) and value < 0:
     raise UserError(f"{where} field '{name}' is {value}, a negative label id")
   return value
+
+
+def _completion(record: dict, name: str, where: str) -> str | list[dict]:
+  """A preference record's `chosen` or `rejected`: a string, or assistant messages."""
+  value = record.get(name)
+  if isinstance(value, list):
+    if not value:
+      raise UserError(f"{where} field '{name}' is an empty list of messages")
+    for j, m in enumerate(value, start=1):
+      if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+        raise UserError(f"{where} field '{name}' message {j} needs a string 'content'")
+      if m.get("role") not in ROLES:
+        raise UserError(f"{where} field '{name}' message {j} has unknown role {m.get('role')!r}")
+    if not value[0]["content"] and len(value) == 1:
+      raise UserError(f"{where} field '{name}' is an empty completion")
+    return [{k: v for k, v in m.items() if v is not None} for m in value]
+  return _string(record, name, where)
+
+
+def _preference(record: dict, cfg: DataConfig, where: str) -> tuple:
+  prompt = record.get(cfg.prompt_field)
+  chosen, rejected = _completion(record, "chosen", where), _completion(record, "rejected", where)
+  if isinstance(prompt, list):
+    prompt = _messages({cfg.messages_field: prompt}, cfg, where, need_assistant=False)
+  elif prompt is None or not isinstance(prompt, str):
+    raise UserError(f"{where} field '{cfg.prompt_field}' must be a string or a list of messages")
+  if isinstance(prompt, list) != isinstance(chosen, list) or \
+      isinstance(chosen, list) != isinstance(rejected, list):
+    raise UserError(f"{where}: prompt, chosen and rejected must all be strings or all be "
+                    "messages")
+  if chosen == rejected:
+    raise UserError(f"{where}: chosen and rejected are the same completion")
+  return prompt, chosen, rejected
 
 
 def parse(record: Any, cfg: DataConfig, where: str):
@@ -86,6 +125,8 @@ def parse(record: Any, cfg: DataConfig, where: str):
     return _string(record, cfg.prompt_field, where), _string(record, cfg.completion_field, where)
   if cfg.format == "chat":
     return _messages(record, cfg, where)
+  if cfg.format == "preference":
+    return _preference(record, cfg, where)
   return _string(record, cfg.text_field, where), _label(record, cfg.label_field, where)
 
 
@@ -125,21 +166,52 @@ def _chat(messages: list[dict], tokenizer: Any, last_only: bool, where: str):
   return tokens, mask, prompt_len
 
 
+def _pair(payload: tuple, cfg: DataConfig, tokenizer: Any, where: str) -> tuple:
+  """(chosen + rejected tokens, their masks, prompt_len, None, len(chosen)) of a preference
+  record: each completion tokenised together with the prompt, as inference sees it."""
+  prompt, chosen, rejected = payload
+  if isinstance(prompt, list):
+    render = lambda msgs, gen: tokenizer(tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=gen), add_special_tokens=False)["input_ids"]
+    prompt_ids = render(prompt, True)
+    sides = [render(prompt + c, False) for c in (chosen, rejected)]
+  else:
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    sides = tokenizer([prompt + chosen, prompt + rejected], add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token_id
+    sides = [t + [eos] if cfg.add_eos and (not t or t[-1] != eos) else t for t in sides]
+  p = len(prompt_ids)
+  for name, ids in zip(("chosen", "rejected"), sides):
+    if ids[:p] != prompt_ids:
+      raise UserError(f"{where}: the prompt's tokens are not a prefix of prompt + {name} (a token "
+                      "merges across the boundary, or the chat template renders the prompt "
+                      "differently alone)")
+    if len(ids) == p:
+      raise UserError(f"{where} field '{name}' is an empty completion")
+  masks = [[0] * max(p, 1) + [1] * (len(ids) - max(p, 1)) for ids in sides]
+  return sides[0] + sides[1], masks[0] + masks[1], p, None, len(sides[0])
+
+
 def _tokenize(payloads: dict[int, Any], cfg: DataConfig, tokenizer: Any, wheres: list[str]):
-  """{row: (tokens, mask, prompt_len, label)} for the parsed rows, or {row: error}."""
+  """{row: (tokens, mask, prompt_len, label, pair_split)} for the parsed rows, or
+  {row: error}."""
   rows = list(payloads)
-  if cfg.format == "chat":
+  if cfg.format in ("chat", "preference"):
     out = {}
     for i in rows:
       try:
-        out[i] = (*_chat(payloads[i], tokenizer, cfg.assistant_turns == "last", wheres[i]), None)
+        if cfg.format == "chat":
+          out[i] = (*_chat(payloads[i], tokenizer, cfg.assistant_turns == "last", wheres[i]),
+                    None, 0)
+        else:
+          out[i] = _pair(payloads[i], cfg, tokenizer, wheres[i])
       except UserError as e:
         out[i] = str(e)
     return out
   if cfg.format == "classification":
     ids = tokenizer([payloads[i][0] for i in rows], add_special_tokens=True)["input_ids"] \
         if rows else []
-    return {i: (t, [0] * len(t), 0, payloads[i][1]) for i, t in zip(rows, ids)}
+    return {i: (t, [0] * len(t), 0, payloads[i][1], 0) for i, t in zip(rows, ids)}
   eos = tokenizer.eos_token_id
   if cfg.format == "text":
     full = [payloads[i] for i in rows]
@@ -156,7 +228,7 @@ def _tokenize(payloads: dict[int, Any], cfg: DataConfig, tokenizer: Any, wheres:
     # The completion starts where the joint tokenisation leaves the prompt's own (a token merged
     # across the boundary counts as completion).
     start = _common_prefix(tokens, prompt_ids[k]) if prompt_ids is not None else 0
-    out[i] = (tokens, [0] * start + [1] * (len(tokens) - start), start, None)
+    out[i] = (tokens, [0] * start + [1] * (len(tokens) - start), start, None, 0)
   return out
 
 
@@ -170,17 +242,21 @@ def encode(records: list, numbers: list[int], cfg: DataConfig, tokenizer: Any,
       payloads[i] = parse(record, cfg, wheres[i])
     except UserError as e:
       errors[i] = str(e)
-  if payloads and cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
-    raise UserError(f"{path}: data.format is chat, but the tokenizer has no chat template")
+  if payloads and not getattr(tokenizer, "chat_template", None):
+    if cfg.format == "chat":
+      raise UserError(f"{path}: data.format is chat, but the tokenizer has no chat template")
+    if cfg.format == "preference" and any(isinstance(p[0], list) for p in payloads.values()):
+      raise UserError(f"{path}: the preference records are conversations, but the tokenizer has "
+                      "no chat template")
   done = _tokenize(payloads, cfg, tokenizer, wheres)
   cols: dict[str, list] = {k: [] for k in FEATURES}
   for i, n in enumerate(numbers):
     got = done.get(i, errors.get(i))
     if isinstance(got, str):
-      got, error = ([], [], 0, None), got
+      got, error = ([], [], 0, None, 0), got
     else:
       error = ""
-    tokens, mask, start, label = got
+    tokens, mask, start, label, split = got
     mask = [0] + list(mask[1:]) if mask else mask  # nothing predicts the first token
     cols["tokens"].append(tokens)
     cols["loss_mask"].append(mask)
@@ -189,6 +265,7 @@ def encode(records: list, numbers: list[int], cfg: DataConfig, tokenizer: Any,
     cols["label_id"].append(label if isinstance(label, int) else -1)
     cols["number"].append(n)
     cols["error"].append(error)
+    cols["pair_split"].append(split)
   return cols
 
 
