@@ -1,0 +1,80 @@
+"""NF4 and int8 quantisation against bitsandbytes (its CPU kernels are the oracle)."""
+
+import bitsandbytes.functional as bnb
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from ftjax import quant
+
+SHAPES = [(96, 128), (64, 100), (7, 9), (576, 192)]
+
+
+def _weights(shape, seed=0):
+  return (np.random.default_rng(seed).standard_normal(shape) * 0.05).astype(np.float32)
+
+
+def _check_nf4(w: np.ndarray) -> None:
+  """Every byte and scale of bitsandbytes' NF4 state, single and double quantised, and every
+  dequantisation (NumPy and jax.numpy) of bitsandbytes' own state, bit for bit; for the
+  8-bit absmax indices, the bound stated in ftjax.quant."""
+  for double in (False, True):
+    packed, st = bnb.quantize_4bit(torch.tensor(w), blocksize=64, quant_type="nf4",
+                                   compress_statistics=double)
+    offset = np.float32(st.offset.item()) if double else None
+    ours = quant.quantize_nf4(w, double, offset=offset)
+    np.testing.assert_array_equal(ours.packed, packed.numpy().reshape(-1))
+    theirs = quant.NF4State(packed.numpy().reshape(-1), st.absmax.numpy(), w.shape)
+    if double:
+      np.testing.assert_array_equal(ours.absmax2, st.state2.absmax.numpy())
+      np.testing.assert_array_equal(ours.code2, st.state2.code.numpy())
+      differ = np.flatnonzero(ours.absmax != st.absmax.numpy())
+      code = ours.code2
+      _, absmax = quant._blocks(w.reshape(-1), quant.BLOCK)  # pylint: disable=protected-access
+      with np.errstate(invalid="ignore"):
+        normed = (absmax - offset) / np.repeat(ours.absmax2, quant.BLOCK2)[:absmax.size]
+      for i in differ:  # neighbours, the value within 3e-5 of their midpoint
+        a, b = sorted((int(ours.absmax[i]), int(st.absmax[i])))
+        assert b == a + 1 and abs(normed[i] - (code[a] + code[b]) / 2) < 3e-5, (i, a, normed[i])
+      assert differ.size <= 0.02 * absmax.size + 1
+      own_mean = quant.quantize_nf4(w, True).offset
+      assert abs(own_mean - offset) <= 1e-6 * abs(offset)  # torch's fp32 sum: a few ulps off
+      theirs = quant.NF4State(theirs.packed, theirs.absmax, w.shape, offset,
+                              st.state2.absmax.numpy(), st.state2.code.numpy())
+    else:
+      np.testing.assert_array_equal(ours.absmax, st.absmax.numpy())
+    want = bnb.dequantize_4bit(packed, st).numpy()
+    np.testing.assert_array_equal(quant.dequantize_nf4(theirs), want)
+    np.testing.assert_array_equal(np.asarray(quant.dequantize_nf4(theirs, jnp)), want)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_nf4_equals_bitsandbytes(shape):
+  _check_nf4(_weights(shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_equals_bitsandbytes(shape):
+  w = _weights(shape, seed=1)
+  q, stats, _ = bnb.int8_vectorwise_quant(torch.tensor(w))
+  ours = quant.quantize_int8(w)
+  np.testing.assert_array_equal(ours.q, q.numpy())
+  np.testing.assert_array_equal(ours.absmax, stats.numpy())
+  want = bnb.int8_vectorwise_dequant(q, stats).numpy()
+  np.testing.assert_array_equal(quant.dequantize_int8(ours), want)
+  np.testing.assert_array_equal(np.asarray(quant.dequantize_int8(ours, jnp)), want)
+
+
+def test_the_dynamic_map_is_bitsandbytes():
+  np.testing.assert_array_equal(quant.dynamic_map(), bnb.create_dynamic_map().numpy())
+  np.testing.assert_array_equal(quant.NF4, bnb.get_4bit_type("nf4", device="cpu").numpy())
+
+
+@pytest.mark.smollm2
+def test_nf4_of_smollm2_weights_equals_bitsandbytes(smollm2_dir):
+  from safetensors.numpy import load_file
+
+  weights = load_file(f"{smollm2_dir}/model.safetensors")
+  for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight"):
+    _check_nf4(weights[name].astype(np.float32))
