@@ -8,7 +8,8 @@ import torch
 
 from ftjax import quant
 
-SHAPES = [(96, 128), (64, 100), (7, 9), (576, 192)]
+SHAPES = [(96, 128), (7, 9), pytest.param((64, 100), marks=pytest.mark.slow),
+          pytest.param((576, 192), marks=pytest.mark.slow)]  # whole blocks, a partial one
 
 
 def _weights(shape, seed=0):
