@@ -100,12 +100,9 @@ def _check_grads(ours: dict, torch_model, family) -> None:
     assert np.linalg.norm(g - want) <= 1e-4 * np.linalg.norm(want), path
 
 
-SLOW = pytest.mark.slow  # the fast tier checks one loss of each kind
-
-
-@pytest.mark.parametrize("loss_type,smoothing", [
-    ("sigmoid", 0.0), pytest.param("ipo", 0.0, marks=SLOW),
-    pytest.param("hinge", 0.0, marks=SLOW), pytest.param("robust", 0.2, marks=SLOW)])
+@pytest.mark.slow  # TRL's trainers take seconds to import and build
+@pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0),
+                                                 ("robust", 0.2)])
 def test_dpo_losses_metrics_and_grads_equal_trl(models, loss_type, smoothing, tmp_path):
   policy_dir, ref_dir = models
   records = pair_records(4)
@@ -166,10 +163,10 @@ def _trl_reference_free(policy_dir, examples, p: PreferenceConfig):
   return loss.item(), metrics, model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p", [
     PreferenceConfig(loss="simpo", beta=2.0, simpo_gamma=0.5, label_smoothing=0.1),
-    pytest.param(PreferenceConfig(loss="orpo", orpo_lambda=0.2), marks=SLOW)],
-    ids=["simpo", "orpo"])
+    PreferenceConfig(loss="orpo", orpo_lambda=0.2)], ids=["simpo", "orpo"])
 def test_reference_free_losses_equal_trl(models, p):
   policy_dir, ref_dir = models
   examples = _pairs(policy_dir, pair_records(4, seed=3))
@@ -425,9 +422,9 @@ def test_dpo_run_exports_as_peft_and_hf(models, pair_files, tmp_path):
     assert abs(_torch_logps(model, examples).mean() - want) < 1e-4 * abs(want)
 
 
-def test_pairs_are_the_unit_of_batches_and_of_each_hosts_share(models):
-  policy_dir, _ = models
-  examples = _pairs(policy_dir, pair_records(8))
+def test_pairs_are_the_unit_of_batches_and_of_each_hosts_share():
+  examples = data.tokenize(pair_records(8), config.DataConfig(format="preference", seq_len=96),
+                           tiny.make_tokenizer(), "pairs")
   scores = np.arange(16, dtype=np.float32).reshape(8, 2)
   whole = data.Batches(examples, 4, 96, 0, seed=0, ref=scores).get(0)
   assert whole["tokens"].shape[0] == 8  # 4 pairs: chosen, rejected, chosen, rejected, ...

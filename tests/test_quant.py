@@ -8,8 +8,9 @@ import torch
 
 from ftjax import quant
 
-SHAPES = [(96, 128), (7, 9), pytest.param((64, 100), marks=pytest.mark.slow),
-          pytest.param((576, 192), marks=pytest.mark.slow)]  # whole blocks, a partial one
+SLOW = pytest.mark.slow
+SHAPES = [(96, 128), pytest.param((7, 9), marks=SLOW),  # whole blocks; a partial one
+          pytest.param((64, 100), marks=SLOW), pytest.param((576, 192), marks=SLOW)]
 
 
 def _weights(shape, seed=0):
