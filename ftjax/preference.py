@@ -315,8 +315,11 @@ def score_pairs(ref: Reference, frozen: dict, examples: list, batch_size: int, c
   out = []
   for batch in data.eval_batches(examples, batch_size, cfg.data.seq_len, pad_id,
                                  cfg.data.buckets):
-    got = jax.device_get(ref.score_fn(ref.params, frozen, put(batch)))
-    out.append(np.asarray(got, np.float32).reshape(-1, 2))
+    got = ref.score_fn(ref.params, frozen, put(batch))
+    if jax.process_count() > 1:  # rows live on every process: each gathers them all
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      got = multihost_utils.process_allgather(got, tiled=True)
+    out.append(np.asarray(jax.device_get(got), np.float32).reshape(-1, 2))
   return np.concatenate(out)[:len(examples)]
 
 

@@ -450,3 +450,29 @@ def test_scores_do_not_depend_on_padding_or_batch_neighbours(models):
   alone = np.concatenate([score([ex], 96) for ex in examples])
   np.testing.assert_allclose(score(examples, 96), alone, rtol=1e-6)
   np.testing.assert_allclose(score(examples, 128), alone, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_share_pairs_and_precompute_the_reference(models, pair_files, tmp_path):
+  """Two `python -m ftjax.train` processes (2 CPU devices each) split every batch of pairs,
+  each host scores its share of the precomputed reference, and the run matches one process."""
+  import yaml
+  from test_mesh import _processes
+
+  policy_dir, _ = models
+  cfg = {"model": {"path": policy_dir},
+         "data": {"train": pair_files[0], "eval": pair_files[1], "format": "preference",
+                  "seq_len": 96, "cache_dir": str(tmp_path / "cache")},
+         "peft": {"method": "lora"}, "preference": {"reference": "precomputed"},
+         "precision": {"compute": "fp32"}, "optim": {"lr": 1e-2},
+         "eval": {"batch_size": 4, "every": 3},
+         "train": {"steps": 3, "batch_size": 8, "output_dir": str(tmp_path / "run")}}
+  cfg_file = tmp_path / "cfg.yaml"
+  cfg_file.write_text(yaml.safe_dump(cfg))
+  _processes(str(cfg_file), tmp_path)
+  single = train.run(config.load(str(cfg_file), [f"train.output_dir={tmp_path / 'single'}"]))
+  got = _metrics(str(tmp_path / "run"))
+  assert os.path.exists(tmp_path / "run" / preference.FILE)
+  np.testing.assert_allclose([r["loss"] for r in got if "loss" in r],
+                             [single.losses[s] for s in (1, 2, 3)], rtol=1e-5, atol=1e-6)
+  assert abs(got[-1]["eval_rewards/margins"] - single.after["eval_rewards/margins"]) < 1e-5
