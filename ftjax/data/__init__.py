@@ -132,7 +132,7 @@ def _encode_file(path: str, cfg: DataConfig, tokenizer: Any) -> _Encoded:
 
   if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
     raise UserError(f"{path}: data.format is chat, but the tokenizer has no chat template")
-  if cfg.format == "preference" and sources.by_line(path) and not path.endswith(".jsonl"):
+  if cfg.format == "preference" and path.lower().endswith(".txt"):
     raise UserError(f"{path}: data.format preference reads records with fields (jsonl, json, "
                     "csv, parquet or a saved dataset), not lines of text")
   raw = sources.read(path, cfg.text_field)

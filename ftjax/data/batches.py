@@ -42,7 +42,8 @@ class Example:
   @property
   def length(self) -> int:
     """The longest sequence's tokens (a row holds one sequence)."""
-    return max(len(x.tokens) for x in self.sides())
+    n = len(self.tokens)
+    return max(self.split, n - self.split) if self.split else n
 
 
 def bucket_lengths(seq_len: int, buckets: int) -> list[int]:
