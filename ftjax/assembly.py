@@ -176,8 +176,12 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
   late = {family.embedding} & set(dtypes) if spec.prompt_len else set()
   dtypes = {p: d for p, d in dtypes.items() if p not in late}
   layout = sharding.param_shardings(module, mesh) if mesh is not None else None
+  quantized = _quantized(cfg, spec, base_paths, chosen, family)
   loaded = hf.load(model_dir, dtype, shardings=layout, num_labels=num_labels, dtypes=dtypes,
-                   expected=pl.base_shapes)
+                   expected=pl.base_shapes, quant=quantized)
+  if layout is not None:  # a quantised weight's arrays are placed each in its own shards
+    layout.update({p: hf.sharding_of_quantized(tree.flatten(loaded.params)[p], layout[p])
+                   for p in quantized})
   fresh = loaded.fresh
   if fresh:  # e.g. BERT's pooler: initialised here, so not frozen base weights
     base_paths = [p for p in base_paths if p not in fresh]
@@ -198,6 +202,28 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
     flat = {p: jax.device_put(v, layout[p]) for p, v in flat.items()}
   return Model(module, tree.unflatten(flat), chosen, base_paths, model_cfg, hf_cfg, family,
                model_dir, cfg, fresh, layout)
+
+
+def _quantized(cfg: PeftConfig, spec: Method, base_paths: list[str], chosen: set[str],
+               family: Family) -> dict[str, tuple[str, bool]]:
+  """{path: (kind, double)} of the frozen base weights `peft.base_quant` stores quantised: the
+  kernels of the dense layers but the heads (what bitsandbytes quantises in transformers), and
+  with `base_quant_embeddings` the token embedding and output head too."""
+  if cfg.base_quant == "none":
+    return {}
+  kind, double = cfg.base_quant, cfg.base_quant == "nf4" and cfg.base_quant_double is not False
+  frozen = [p for p in base_paths if p not in chosen]
+  paths = [p for p in frozen if p.endswith("/kernel") and not family.is_head(p)]
+  if cfg.base_quant_embeddings:
+    if spec.prompt_len:
+      logger.info("peft.base_quant_embeddings: the token embedding stays unquantised under "
+                  "prompt tuning (soft tokens start from its rows)")
+    paths += [p for p in frozen if (p == family.embedding and not spec.prompt_len)
+              or p == family.output_head]
+  if not paths:
+    raise UserError(f"peft.base_quant {kind}: no frozen dense kernel to quantise (it stores the "
+                    "frozen base of a PEFT method; here every kernel trains)")
+  return {p: (kind, double) for p in paths}
 
 
 @dataclasses.dataclass

@@ -77,6 +77,14 @@ class PeftConfig:
   trainable: list[str] = dataclasses.field(default_factory=list)  # base params to train (regex)
   frozen: list[str] = dataclasses.field(default_factory=list)  # params to freeze (regex)
   base_dtype: Literal["fp32", "bf16"] = "fp32"  # storage of frozen base weights
+  # QLoRA: the frozen kernels of the dense layers (not the heads) stored quantised as
+  # bitsandbytes stores them, dequantised inside each layer for its matmul.
+  base_quant: Literal["none", "nf4", "int8"] = "none"
+  base_quant_double: Optional[bool] = None  # nf4's double quantisation (default: on for nf4)
+  # Also quantise the frozen token embedding and output head (bitsandbytes' Embedding4bit
+  # layout). Off by default: bitsandbytes-4bit models in transformers keep them unquantised, so
+  # an adapter trained over quantised embeddings sees other weights than it is served with.
+  base_quant_embeddings: bool = False
   init_from: str = ""  # an HF PEFT adapter directory to start from
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
@@ -461,6 +469,10 @@ def _validate(cfg: Config) -> None:
       (cfg.eval.batch_size > 0, "eval.batch_size must be > 0"),
       (cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
       (cfg.checkpoint.keep > 0, "checkpoint.keep must be > 0"),
+      (not (cfg.peft.base_quant != "nf4" and cfg.peft.base_quant_double),
+       "peft.base_quant_double applies to peft.base_quant nf4 only"),
+      (not (cfg.peft.base_quant == "none" and cfg.peft.base_quant_embeddings),
+       "peft.base_quant_embeddings needs peft.base_quant nf4 or int8"),
       (cfg.peft.lora.r > 0, "peft.lora.r must be > 0"),
       (cfg.peft.lora.alpha > 0, "peft.lora.alpha must be > 0"),
       (0 <= cfg.peft.lora.dropout < 1, "peft.lora.dropout must be in [0, 1)"),

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ftjax import tree
+from ftjax import quant, tree
 from ftjax.config import UserError
 from ftjax import models
 from ftjax.models import Family
@@ -142,7 +142,8 @@ def abstract_params(module: Any) -> dict:
 
 def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
          shardings: Optional[dict] = None, num_labels: int = 0,
-         dtypes: Optional[dict] = None, expected: Optional[dict] = None) -> LoadedModel:
+         dtypes: Optional[dict] = None, expected: Optional[dict] = None,
+         quant: Optional[dict] = None) -> LoadedModel:
   """Loads an HF model directory into an ftjax module and parameter tree.
 
   Args:
@@ -156,6 +157,10 @@ def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
       its shards (each device's slice from the memory-mapped file), never whole on one device.
     num_labels: > 0 for a sequence classifier; a head the checkpoint lacks is left out of
       `params` and listed in `LoadedModel.fresh`, for the caller to initialise.
+    quant: {parameter path: (kind, double)} of the weights stored quantised
+      (`quant.QuantKernel`, see `peft.base_quant`): each is read whole on the host, quantised
+      there, and only its quantised blocks reach the devices (with `shardings`, in the shards of
+      their layer).
 
   Raises:
     UserError: for a directory that is not a supported model, or tensors that do not fit.
@@ -186,7 +191,10 @@ def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
           raise UserError(f"{model_dir}: tensor '{name}' has shape {tuple(piece.get_shape())}, "
                           f"the config implies {tuple(expected[path].shape)}")
         target = (dtypes or {}).get(path, param_dtype)
-        if shardings is None:
+        if path in (quant or {}):
+          loaded[path] = _quantized(np.asarray(f.get_tensor(name)), path, transpose,
+                                    *quant[path], shardings[path] if shardings else None)
+        elif shardings is None:
           array = np.asarray(f.get_tensor(name))
           loaded[path] = jnp.asarray(array.T if transpose else array, dtype=target)
         else:
@@ -200,6 +208,46 @@ def load(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32,
     names = [family.to_hf(p)[0] for p in missing[:3]]
     raise UserError(f"{model_dir}: missing {len(missing)} tensor(s), e.g. {', '.join(names)}")
   return LoadedModel(module, cfg, tree.unflatten(loaded), hf, family, fresh)
+
+
+def _quantized(array: np.ndarray, path: str, transpose: bool, kind: str, double: bool,
+               sharding: Optional[jax.sharding.NamedSharding]) -> quant.QuantKernel:
+  """An HF tensor as the quantised form of the ftjax parameter at `path`: a dense kernel
+  (in, out) quantises its (out, in) matrix, as bitsandbytes' Linear4bit does; an embedding
+  table its own (vocab, hidden) rows, as Embedding4bit does. The 8-bit scales of double
+  quantisation are chosen as bitsandbytes' kernel for this backend chooses them."""
+  kernel = path.endswith("/kernel")
+  matrix = array if transpose == kernel else array.T
+  backend = "cpu" if jax.default_backend() == "cpu" else "cuda"
+  try:
+    q = quant.quantize(matrix, kind, double, transposed=kernel, where=path, kernel=backend)
+  except ValueError as e:
+    raise UserError(f"peft.base_quant {kind}: {e}") from None
+  if sharding is None:
+    return jax.tree.map(jnp.asarray, q)
+  return jax.tree.map(jax.device_put, q, sharding_of_quantized(q, sharding))
+
+
+def sharding_of_quantized(q: quant.QuantKernel, sharding: jax.sharding.NamedSharding
+                          ) -> quant.QuantKernel:
+  """The shardings of a quantised weight's arrays, from its parameter's: blocks and scales
+  split along the rows (and columns) of the matrix as the parameter is split, where the mesh
+  axis divides them; the second-level scales replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+  rows_cols = spec[::-1] if q.transposed else spec
+  sizes = dict(sharding.mesh.shape)
+
+  def fit(shape):
+    axes = [a if a is not None and dim % sizes[a] == 0 else None
+            for a, dim in zip(rows_cols, shape)]
+    return NamedSharding(sharding.mesh, P(*axes))
+
+  rep = NamedSharding(sharding.mesh, P())
+  return quant.QuantKernel(fit(q.data.shape), fit(q.absmax.shape),
+                           None if q.absmax2 is None else rep, None if q.offset is None else rep,
+                           kind=q.kind, transposed=q.transposed)
 
 
 def load_tokenizer(model_dir: str):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import tree
+from ftjax.quant import QuantKernel
 
 def token_losses(logits_BxLxV: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
   """Per-position next-token loss (fp32), target weights, and weighted correct predictions.
@@ -100,6 +101,8 @@ def chunked_loss(module, dtype: Any, trainable: set, chunk: int = 0) -> Optional
     h, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
                         batch["segment_ids"], rngs=rngs, return_hidden=True)
     kernel = tree.flatten(params)[path]
+    if isinstance(kernel, QuantKernel):  # a frozen quantised head, dequantised whole
+      kernel = kernel.value(dtype)
     return h, kernel.T if transposed else kernel
   return ChunkedLoss(hidden_fn, chunk, dtype, kernel_grad=path in trainable)
 

@@ -15,18 +15,22 @@ each an fp32 product or sum as bitsandbytes computes it.
 Int8, as bitsandbytes' `int8_vectorwise_quant` (LLM.int8() without outliers): one fp32 absmax
 per output row, q = round-half-even(w * (127 / absmax)), w ≈ q * absmax * (1/127).
 
-Quantisation runs once on the host in NumPy (a model's weights never exist dequantised on the
-device); the dequantisations take `xp=jax.numpy` to run the same arithmetic inside a layer.
-bitsandbytes itself needs PyTorch, and no JAX library reproduces its formats, hence this module.
+Quantisation runs once on the host in NumPy, one weight at a time (a model's weights never exist
+dequantised on the device); `QuantKernel` is the form a weight then takes in device memory, and
+layers dequantise it for their matmul. bitsandbytes itself needs PyTorch, and no JAX library
+reproduces its formats (qwix's NF4 keeps scales in the weight dtype, without double
+quantisation), hence this module.
 
-Two parts of double quantisation are not bit for bit bitsandbytes' own, and tests/test_quant.py
-bounds both: the `offset` (bitsandbytes takes torch's fp32 mean, whose summation order depends on
-the device and its vector width; ftjax the fp32 rounding of the exact mean), and the 8-bit index
-of an absmax whose scaled value lies within about 2e-5 of the midpoint between two map entries
-(bitsandbytes 0.50's CPU kernel does not split exactly at midpoints, as if it looked values up on
-a grid of about 2^-16; ftjax takes the nearest entry, ties to the lower). Everything else — the
-NF4 bytes, single-level scales, the second-level scales, and every dequantisation of a given
-state — is bit for bit.
+bitsandbytes' 8-bit scales of double quantisation depend on the device that quantises: its CPU
+kernel rounds each value to a grid of 65536 points and looks the byte up in a table, its CUDA
+kernel takes the nearest map entry. They differ for values within about 2e-5 of a midpoint
+(about 0.5% of the scales of real weights). `quantize_blockwise8(kernel=...)` follows either,
+byte for byte; the loader follows bitsandbytes' kernel for the backend JAX runs on. One part is
+not bit for bit: the mean subtracted before double quantisation (`offset`) is the fp32 rounding
+of the exact mean, where bitsandbytes takes torch's fp32 mean, whose summation order depends on
+the device (a few ulps; tests/test_quant.py bounds it). Everything else — the NF4 bytes, the
+scales given the same mean, and every dequantisation, in NumPy and inside jitted layers — is
+bit for bit.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ import base64
 import dataclasses
 from typing import Optional
 
+import flax.struct
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -95,23 +102,52 @@ def _blocks(x: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
   return blocks, np.abs(blocks).max(axis=1)
 
 
-def quantize_blockwise8(x: np.ndarray, blocksize: int = BLOCK2
+def _lut() -> np.ndarray:
+  """bitsandbytes' CPU lookup table (csrc/cpu_ops.cpp, `build_quantize_lut`): for each of 65536
+  points evenly spaced over [-1, 1], the index of the dynamic-map entry whose midpoint interval
+  holds it, computed in fp32 as there."""
+  code = dynamic_map()
+  mid = (np.float32(0.5) * (code[:-1] + code[1:])).astype(np.float32)
+  grid = (np.float32(-1) + (np.float32(2) * np.arange(LUT, dtype=np.float32))
+          / np.float32(LUT - 1)).astype(np.float32)
+  return np.searchsorted(mid, grid, side="left").astype(np.uint8)
+
+
+LUT = 65536
+_LUT = _lut()
+
+
+def quantize_blockwise8(x: np.ndarray, blocksize: int = BLOCK2, kernel: str = "cpu"
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """bitsandbytes' `quantize_blockwise` with the dynamic map, each value given its nearest
-  entry: (bytes, absmax, code)."""
+  """bitsandbytes' `quantize_blockwise` with its signed dynamic map: (bytes, absmax, code).
+
+  Values are multiplied by the reciprocal of their block's absmax. bitsandbytes' two kernels
+  then choose the byte differently, and `kernel` says whose to follow: `cpu` rounds the value to
+  the nearest of 65536 grid points over [-1, 1] and looks its entry up in a table (so a value
+  within about 2e-5 of the midpoint of two entries may take the farther one); `cuda` takes the
+  nearest entry by binary search (ties to the lower)."""
   code = dynamic_map()
   blocks, absmax = _blocks(np.asarray(x, np.float32).reshape(-1), blocksize)
   with np.errstate(divide="ignore", invalid="ignore"):
-    normed = (blocks / absmax[:, None]).reshape(-1)[:x.size]
-  normed = np.where(np.isnan(normed), code[0], normed)  # an all-zero block: index 0 (any would do)
-  left = np.clip(np.searchsorted(code, normed, side="right") - 1, 0, 255)
-  right = np.minimum(left + 1, 255)
-  closer = np.abs(normed - code[right]) < np.abs(normed - code[left])
-  return np.where(closer, right, left).astype(np.uint8), absmax, code
+    inv = (np.float32(1) / absmax).astype(np.float32)
+  normed = (blocks * inv[:, None]).reshape(-1)[:x.size]
+  zero = ~np.isfinite(normed)  # an all-zero block: bitsandbytes writes index 0
+  normed = np.where(zero, np.float32(0), normed)
+  if kernel == "cpu":
+    clipped = np.clip(normed, np.float32(-1), np.float32(1))
+    point = (((clipped + np.float32(1)) * np.float32(0.5)) * np.float32(LUT - 1)
+             + np.float32(0.5)).astype(np.float32)
+    out = _LUT[point.astype(np.int64)]
+  else:
+    left = np.clip(np.searchsorted(code, normed, side="right") - 1, 0, 255)
+    right = np.minimum(left + 1, 255)
+    closer = np.abs(normed - code[right]) < np.abs(normed - code[left])
+    out = np.where(closer, right, left)
+  return np.where(zero, 0, out).astype(np.uint8), absmax, code
 
 
-def quantize_nf4(w: np.ndarray, double: bool = True, offset: Optional[float] = None
-                 ) -> NF4State:
+def quantize_nf4(w: np.ndarray, double: bool = True, offset: Optional[float] = None,
+                 kernel: str = "cpu") -> NF4State:
   """`w` (out, in) in NF4 as bitsandbytes' `quantize_4bit(..., blocksize=64,
   quant_type="nf4", compress_statistics=double)`; `offset`: the double-quantisation mean to
   use (default: the fp32 rounding of the exact mean)."""
@@ -128,7 +164,7 @@ def quantize_nf4(w: np.ndarray, double: bool = True, offset: Optional[float] = N
   if offset is None:
     offset = np.float32(absmax.astype(np.float64).mean())
   offset = np.float32(offset)
-  qabs, absmax2, code2 = quantize_blockwise8(absmax - offset)
+  qabs, absmax2, code2 = quantize_blockwise8(absmax - offset, kernel=kernel)
   return NF4State(packed, qabs, tuple(w.shape), offset, absmax2, code2)
 
 
@@ -137,7 +173,8 @@ def _scales(xp, absmax, absmax2, offset, code2, n: int):
   if absmax2 is None:
     return absmax
   idx = xp.arange(n) // BLOCK2
-  return code2[absmax.astype(xp.int32)] * absmax2[idx] + offset
+  scaled = code2[absmax.astype(xp.int32)] * absmax2[idx]
+  return xp.where(xp.isnan(scaled), xp.float32(0), scaled) + offset  # no fused multiply-add
 
 
 def dequantize_nf4(state: NF4State, xp=np) -> np.ndarray:
@@ -177,5 +214,129 @@ def dequantize_int8(state: Int8State, xp=np):
   return q.astype(xp.float32) * absmax[:, None] * xp.float32(7.874015718698502e-3)
 
 
-__all__ = ["NF4", "BLOCK", "BLOCK2", "NF4State", "Int8State", "dynamic_map", "quantize_nf4",
-           "dequantize_nf4", "quantize_blockwise8", "quantize_int8", "dequantize_int8"]
+# ---- on the device ---------------------------------------------------------------------------
+
+KINDS = ("nf4", "int8")
+_CODE2 = dynamic_map()
+
+
+@flax.struct.dataclass
+class QuantKernel:
+  """A frozen weight matrix as it lives in device memory under `peft.base_quant`: the state
+  bitsandbytes keeps for the matrix in its (rows, cols) = (out, in) layout, with each row's
+  blocks on their own row (so the blocks shard with the rows of their layer on a mesh).
+
+  It stands where the parameter would be in the tree (`layers_0/mlp/up_proj/kernel`); the layer
+  dequantises it for its matmul (`models.layers.matmul`), and `value` gives the parameter itself:
+  the transpose of the matrix for a dense kernel (in, out), the matrix for an embedding table.
+
+  Attributes:
+    data: nf4: (rows, cols/2) uint8, two code indices per byte (the first in the high nibble);
+      int8: (rows, cols) int8.
+    absmax: nf4: each block's scale, (rows, cols/64) fp32, or uint8 under double quantisation;
+      int8: (rows,) fp32.
+    absmax2, offset: double quantisation's second-level scales (blocks of 256 over the
+      flattened `absmax`) and the mean subtracted before them; None without.
+  """
+
+  data: jax.Array
+  absmax: jax.Array
+  absmax2: Optional[jax.Array] = None
+  offset: Optional[jax.Array] = None
+  kind: str = flax.struct.field(pytree_node=False, default="nf4")
+  transposed: bool = flax.struct.field(pytree_node=False, default=True)
+
+  @property
+  def matrix_shape(self) -> tuple[int, int]:
+    rows, cols = self.data.shape
+    return (rows, cols * 2) if self.kind == "nf4" else (rows, cols)
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """The shape of the parameter it stands for."""
+    rows, cols = self.matrix_shape
+    return (cols, rows) if self.transposed else (rows, cols)
+
+  @property
+  def dtype(self):
+    """The dtype of the parameter it stands for (its dequantised values are fp32)."""
+    return jnp.dtype(jnp.float32)
+
+  @property
+  def nbytes(self) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(self))
+
+  def scales(self) -> jax.Array:
+    """Each block's fp32 scale (nf4: (rows, cols/64)), as bitsandbytes dequantises it."""
+    if self.absmax2 is None:
+      return self.absmax
+    n = int(np.prod(self.absmax.shape))
+    second = jnp.repeat(self.absmax2, BLOCK2)[:n].reshape(self.absmax.shape)
+    scaled = jnp.asarray(_CODE2)[self.absmax.astype(jnp.int32)] * second
+    # A select between the product and the sum keeps XLA from contracting them into one fused
+    # multiply-add, which rounds once where bitsandbytes rounds twice (never NaN: a no-op).
+    scaled = jnp.where(jnp.isnan(scaled), jnp.float32(0), scaled)
+    return scaled + self.offset
+
+  def matrix(self, dtype=jnp.float32, rows: Optional[jax.Array] = None) -> jax.Array:
+    """The dequantised (rows, cols) matrix (or only the rows `rows`), in `dtype`: the fp32
+    values bitsandbytes' dequantisation gives, then rounded to `dtype`."""
+    data, scales = self.data, self.scales()
+    if rows is not None:
+      data, scales = jnp.take(data, rows, axis=0), jnp.take(scales, rows, axis=0)
+    if self.kind == "int8":
+      return (data.astype(jnp.float32) * scales[..., None]
+              * jnp.float32(7.874015718698502e-3)).astype(dtype)
+    idx = jnp.stack([data >> 4, data & 15], axis=-1).astype(jnp.int32)
+    values = jnp.asarray(NF4, jnp.float32)[idx].reshape(*scales.shape, BLOCK)
+    return (values * scales[..., None]).reshape(*data.shape[:-1], -1).astype(dtype)
+
+  def value(self, dtype=jnp.float32) -> jax.Array:
+    """The dequantised parameter (a dense kernel (in, out), or an embedding table)."""
+    m = self.matrix(dtype)
+    return m.T if self.transposed else m
+
+
+
+
+def quantize(matrix: np.ndarray, kind: str, double: bool = True, transposed: bool = True,
+             where: str = "", kernel: str = "cpu") -> QuantKernel:
+  """A (rows, cols) = (out, in) matrix quantised on the host as bitsandbytes does (NumPy arrays
+  in the result: the caller places them). nf4 needs cols to be a multiple of 64, so that no
+  block spans two rows (true of every released model's linear layers)."""
+  matrix = np.asarray(matrix, np.float32)
+  rows, cols = matrix.shape
+  if kind == "int8":
+    s = quantize_int8(matrix)
+    return QuantKernel(s.q, s.absmax, kind=kind, transposed=transposed)
+  if cols % BLOCK:
+    raise ValueError(f"{where}: NF4 needs an input width that is a multiple of {BLOCK} "
+                     f"(this matrix is {rows}x{cols})")
+  s = quantize_nf4(matrix, double, kernel=kernel)
+  absmax = s.absmax.reshape(rows, cols // BLOCK)
+  if not double:
+    return QuantKernel(s.packed.reshape(rows, cols // 2), absmax, kind=kind,
+                       transposed=transposed)
+  return QuantKernel(s.packed.reshape(rows, cols // 2), absmax, s.absmax2, np.float32(s.offset),
+                     kind=kind, transposed=transposed)
+
+
+def nf4_state(q: QuantKernel) -> NF4State:
+  """The flat bitsandbytes state of an NF4 `QuantKernel` (host arrays)."""
+  rows, cols = q.matrix_shape
+  packed, absmax = np.asarray(q.data).reshape(-1), np.asarray(q.absmax).reshape(-1)
+  if q.absmax2 is None:
+    return NF4State(packed, absmax, (rows, cols))
+  return NF4State(packed, absmax, (rows, cols), np.float32(q.offset), np.asarray(q.absmax2),
+                  dynamic_map())
+
+
+def dequantize_tree(flat: dict, dtype=jnp.float32) -> dict:
+  """`flat` with every `QuantKernel` replaced by its dequantised parameter."""
+  return {p: v.value(dtype) if isinstance(v, QuantKernel) else v for p, v in flat.items()}
+
+
+__all__ = ["NF4", "BLOCK", "BLOCK2", "NF4State", "Int8State", "QuantKernel", "dynamic_map",
+           "quantize_nf4", "dequantize_nf4", "quantize_blockwise8", "quantize_int8",
+           "dequantize_int8", "quantize", "nf4_state", "dequantize_tree"]

@@ -11,6 +11,7 @@ gradient about twice as fast when only one batch-like dimension must be contract
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Optional
 
@@ -19,14 +20,46 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ftjax.quant import QuantKernel
+
 Dtype = Any
 NEG_INF = -1e30  # finite, so that a fully masked row can never produce NaN
 
 
-def linear(module: nn.Module, x_NxI: jax.Array, kernel_IxO: jax.Array,
+def matmul(x_NxI: jax.Array, kernel_IxO: jax.Array | QuantKernel, dtype: Dtype) -> jax.Array:
+  """x @ kernel in `dtype`. A quantised kernel (`peft.base_quant`) is dequantised inside a
+  checkpoint, so that the backward pass dequantises it again instead of keeping the whole
+  dequantised weight alive from the forward pass: only the quantised blocks are ever stored."""
+  if not isinstance(kernel_IxO, QuantKernel):
+    return jnp.dot(x_NxI.astype(dtype), kernel_IxO.astype(dtype))
+  product = lambda x, q: jnp.dot(x, q.value(dtype))
+  return jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)(
+      x_NxI.astype(dtype), kernel_IxO)
+
+
+def dequantized(kernel: jax.Array | QuantKernel, dtype: Dtype = jnp.float32) -> jax.Array:
+  """The kernel's values (a quantised kernel dequantised; a plain one as it is)."""
+  return kernel.value(dtype) if isinstance(kernel, QuantKernel) else kernel.astype(dtype)
+
+
+def weight(module: nn.Module, name: str, init: Callable, shape: tuple, dtype: Dtype
+           ) -> jax.Array | QuantKernel:
+  """`module.param(name, init, shape, dtype)`, or the quantised form (`QuantKernel`) that the
+  loader stored there for a frozen base weight (`peft.base_quant`)."""
+  if module.has_variable("params", name):
+    stored = module.get_variable("params", name)
+    if isinstance(stored, QuantKernel):
+      if tuple(stored.shape) != tuple(shape):
+        raise ValueError(f"{'/'.join(module.path)}/{name}: quantised weight of shape "
+                         f"{stored.shape}, the layer needs {shape}")
+      return stored
+  return module.param(name, init, shape, dtype)
+
+
+def linear(module: nn.Module, x_NxI: jax.Array, kernel_IxO: jax.Array | QuantKernel,
            bias_O: Optional[jax.Array]) -> jax.Array:
   """x @ kernel (+ bias) in the module's compute dtype: a dense layer without PEFT."""
-  y = jnp.dot(x_NxI.astype(module.dtype), kernel_IxO.astype(module.dtype))
+  y = matmul(x_NxI, kernel_IxO, module.dtype)
   return y if bias_O is None else y + bias_O.astype(module.dtype)
 
 
@@ -78,7 +111,8 @@ NO_PEFT = PeftHooks()
 
 
 class Dense(nn.Module):
-  """y = x @ kernel (+ bias), kernel stored (in, out) with logical axes.
+  """y = x @ kernel (+ bias), kernel stored (in, out) with logical axes, or quantised
+  (`QuantKernel`, a frozen base kernel under `peft.base_quant`).
 
   The PEFT method's `dense` hook computes the output (LoRA / DoRA add a branch; see ftjax/peft).
   """
@@ -93,8 +127,8 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                        (x.shape[-1], self.features), self.param_dtype)
+    kernel = weight(self, "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                    (x.shape[-1], self.features), self.param_dtype)
     def bias() -> Optional[jax.Array]:
       if not self.use_bias:
         return None
@@ -108,7 +142,8 @@ class Dense(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding table (vocab, embed); `attend` gives logits for tied output heads."""
+  """Token embedding table (vocab, embed); `attend` gives logits for tied output heads. A
+  quantised table (`peft.base_quant_embeddings`) dequantises only the rows it looks up."""
 
   num_embeddings: int
   features: int
@@ -116,15 +151,21 @@ class Embed(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.embedding = self.param(
-        "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+    self.embedding = weight(
+        self, "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         (self.num_embeddings, self.features), self.param_dtype)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
+    if isinstance(self.embedding, QuantKernel):
+      return self.embedding.matrix(self.dtype, rows=tokens)
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
   def attend(self, h: jax.Array) -> jax.Array:
-    y = jnp.dot(h.reshape(-1, h.shape[-1]).astype(self.dtype), self.embedding.astype(self.dtype).T)
+    table = self.embedding
+    table_T = dataclasses.replace(table, transposed=True) if isinstance(table, QuantKernel) \
+        else table.T
+    y = matmul(h.reshape(-1, h.shape[-1]), table_T, self.dtype)
     return y.reshape(*h.shape[:-1], self.num_embeddings)
 
 

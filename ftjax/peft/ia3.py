@@ -66,7 +66,7 @@ class IA3(Method):
     out = {p: v for p, v in flat.items() if not p.endswith("/" + LEAF)}
     for m in self.modules:
       scale = jnp.asarray(flat[f"{m}/{LEAF}"], jnp.float32)
-      w = jnp.asarray(flat[f"{m}/kernel"], jnp.float32)
+      w = layers.dequantized(flat[f"{m}/kernel"])
       if m in self.feedforward:
         out[f"{m}/kernel"] = w * scale[:, None]
       else:

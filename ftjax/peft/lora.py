@@ -55,7 +55,7 @@ class Lora(Method):
   def dense(self, module, x_NxI, kernel_IxO, bias):
     if "/".join(module.path) not in self.modules:
       return layers.linear(module, x_NxI, kernel_IxO, bias())
-    y = jnp.dot(x_NxI.astype(module.dtype), kernel_IxO.astype(module.dtype))
+    y = layers.matmul(x_NxI, kernel_IxO, module.dtype)
     y = apply(module, x_NxI.astype(module.dtype), kernel_IxO, y, self)
     b = bias()
     return y if b is None else y + b.astype(module.dtype)
@@ -120,11 +120,11 @@ def apply(dense: nn.Module, x_NxI: jax.Array, kernel_IxO: jax.Array, y_NxO: jax.
   if x is x_NxI:
     return (y_NxO + delta) * ratio
   # With dropout, PEFT rescales the base path of the dropped input: x·W + (m/n - 1)·x̃·W + ...
-  return y_NxO + (ratio - 1) * jnp.dot(x, kernel_IxO.astype(dense.dtype)) + ratio * delta
+  return y_NxO + (ratio - 1) * layers.matmul(x, kernel_IxO, dense.dtype) + ratio * delta
 
 
 def _column_norm(kernel, a, b, s):
-  w = kernel.astype(jnp.float32) + s * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
+  w = layers.dequantized(kernel) + s * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
   return jnp.sqrt(jnp.sum(w * w, axis=0))
 
 
@@ -142,7 +142,8 @@ def merge(spec, flat: dict) -> dict:
   """W + s·A·B (rescaled per column by DoRA's magnitude) in place of each adapted kernel."""
   out = {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] not in LEAVES}
   for m in spec.modules:
-    w, a, b = (jnp.asarray(flat[f"{m}/{n}"], jnp.float32) for n in ("kernel", "lora_a", "lora_b"))
+    w = layers.dequantized(flat[f"{m}/kernel"])  # a quantised base: what the adapter saw
+    a, b = (jnp.asarray(flat[f"{m}/{n}"], jnp.float32) for n in ("lora_a", "lora_b"))
     merged = w + spec.scale * a @ b
     if spec.dora:
       merged = merged * (flat[f"{m}/lora_magnitude"] / _column_norm(w, a, b, spec.scale))
