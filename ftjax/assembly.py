@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from ftjax import hf, peft, rules as prules, sharding, tree
+from ftjax import hf, peft, quant, rules as prules, sharding, tree
 from ftjax.config import Config, PartitionRule, PeftConfig, UserError
 from ftjax.models import Family, common
 from ftjax.peft import hf_adapter
@@ -354,6 +354,7 @@ def save_merged(model: Model, params: dict, out_dir: str, dtype: str = "auto",
   """Writes `params` merged into the base weights as an HF model directory `transformers`
   loads (LoRA folded in; methods that cannot merge are refused with the reason)."""
   full = tree.merge(model.params, params) if params is not model.params else params
+  full = tree.unflatten(quant.dequantize_tree(tree.flatten(full)))  # a quantised base's values
   hf.save_model(out_dir, peft.merge(model.spec, full), model.path, model.family, dtype,
                 config_updates)
   return out_dir

@@ -9,12 +9,15 @@ into the base weights. Methods a format cannot hold are refused with the reason.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional
 
 from ftjax import assembly, checkpoint, config, hf, metrics, peft, tree
 from ftjax.config import UserError
+
+logger = logging.getLogger("ftjax.export")
 
 
 def load_run(run_dir: str, step: Optional[int | str] = None, model_path: Optional[str] = None
@@ -76,6 +79,9 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None
     assembly.save_adapter(model, params, out_dir, "SEQ_CLS" if classify else "CAUSAL_LM")
     tokenizer.save_pretrained(out_dir)
   else:
+    if cfg.peft.base_quant != "none":
+      logger.info(f"--to hf: the adapter is merged into the dequantised {cfg.peft.base_quant} "
+                  "base weights (the weights it trained against), not the original ones")
     updates = model.family.classifier_config(model.hf_config, cfg.data.labels,
                                              tokenizer.pad_token_id) if classify else None
     assembly.save_merged(model, params, out_dir, dtype, updates)

@@ -80,6 +80,10 @@ def parse(argv=None) -> argparse.Namespace:
                  help="ftjax train.loss_chunk (0: auto, -1: whole-batch logits)")
   p.add_argument("--base-dtype", choices=["fp32", "bf16"], default="fp32",
                  help="ftjax peft.base_dtype (frozen weights of PEFT modes)")
+  p.add_argument("--base-quant", choices=["none", "nf4", "int8"], default="none",
+                 help="ftjax peft.base_quant (QLoRA: frozen dense kernels stored quantised)")
+  p.add_argument("--base-quant-embeddings", action="store_true",
+                 help="ftjax peft.base_quant_embeddings (the embedding and head too)")
   p.add_argument("--model-dir", default="", help="reuse this saved random model")
   p.add_argument("--json", default="", help="write all results here")
   p.add_argument("--wait-idle", type=float, default=0.0,
@@ -211,6 +215,7 @@ def _ftjax_params(args, model_dir: str):
 
   pcfg = config.PeftConfig(
       method=args.mode if args.mode != "full" else "none", base_dtype=args.base_dtype,
+      base_quant=args.base_quant, base_quant_embeddings=args.base_quant_embeddings,
       lora=config.LoraConfig(targets=LORA_TARGETS, r=args.lora_r, alpha=args.lora_alpha),
       prefix=config.PrefixConfig(length=args.virtual_tokens, projection=False),
       prompt=config.PromptConfig(length=args.virtual_tokens, init="random"))
@@ -275,6 +280,10 @@ def ftjax_worker(args) -> dict:
   result = timed_steps(one, args)
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
+  from ftjax import sharding  # pylint: disable=import-outside-toplevel
+  frozen_leaves = tree.flatten(frozen).values()
+  info["frozen_device_mib"] = sharding.device_bytes(frozen) / 2**20
+  info["frozen_bf16_mib"] = sum(2 * int(np.prod(v.shape)) for v in frozen_leaves) / 2**20
   return {**result, **info, "rss_after_build_mib": rss_built,
           "params_total": tree.count(params) + tree.count(frozen),
           "params_trainable": tree.count(params), "device": str(device.device_kind),
