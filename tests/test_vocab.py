@@ -133,10 +133,13 @@ def _lora_run(model_dir, root, *words, steps=12):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["padded", "grown"])
+@pytest.mark.parametrize("which", ["padded", "grown", "tied"])
 def test_lora_trains_only_the_new_rows_and_exports_load_in_hf_and_peft(which, tiny_llama_dir,
                                                                         grown_dir, tmp_path):
-  model_dir = tiny_llama_dir if which == "padded" else grown_dir
+  model_dir = {"padded": tiny_llama_dir, "grown": grown_dir}.get(which)
+  if which == "tied":
+    model_dir = str(tmp_path / "tied")
+    tiny.save_model(model_dir, "llama", tie_word_embeddings=True)
   cfg, result = _lora_run(model_dir, tmp_path)
   run = result["output_dir"]
   assert result["after"]["eval_loss"] < result["before"]["eval_loss"]
@@ -146,8 +149,9 @@ def test_lora_trains_only_the_new_rows_and_exports_load_in_hf_and_peft(which, ti
   # --to hf: resized tables, every row but the new ones bit-identical to the base
   merged = export.export(run, "hf", str(tmp_path / "hf"))
   base, out = (load_file(os.path.join(d, "model.safetensors")) for d in (model_dir, merged))
-  rows = 320 if which == "padded" else 261
-  for name in ("model.embed_tokens.weight", "lm_head.weight"):
+  rows = 261 if which == "grown" else 320
+  assert ("lm_head.weight" in out) == (which != "tied")
+  for name in [n for n in ("model.embed_tokens.weight", "lm_head.weight") if n in out]:
     assert out[name].shape == (rows, 64)
     old = [i for i in range(min(rows, base[name].shape[0])) if i not in ids]
     np.testing.assert_array_equal(out[name][old], base[name][old], err_msg=name)
@@ -163,8 +167,8 @@ def test_lora_trains_only_the_new_rows_and_exports_load_in_hf_and_peft(which, ti
   if which == "grown":
     base_model.resize_token_embeddings(len(tokenizer))
   pm = hf_peft.PeftModel.from_pretrained(base_model, adapter).eval()
-  assert pm.peft_config["default"].trainable_token_indices == {"embed_tokens": ids,
-                                                               "lm_head": ids}
+  assert pm.peft_config["default"].trainable_token_indices == (
+      ids if which == "tied" else {"embed_tokens": ids, "lm_head": ids})
   assert abs(_torch_eval_loss(pm, cfg, tokenizer) - eval_loss) < 1e-4
   assert len(transformers.AutoTokenizer.from_pretrained(adapter)) == 261
   # the new special token is generated after training, and decodes away when skipped
@@ -185,3 +189,27 @@ def test_resume_with_other_tokens_is_refused(tiny_llama_dir, tmp_path):
       "peft.method": "lora", "model.add_tokens": "[zork, blorp]"}.items()])
   with pytest.raises(config.UserError, match="has other added tokens than this config"):
     train.run(other)
+
+
+@pytest.mark.slow
+def test_chunked_head_gives_the_new_rows_the_whole_logit_gradient(tiny_llama_dir):
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from ftjax import loss  # pylint: disable=import-outside-toplevel
+
+  cfg = _cfg(tiny_llama_dir, *TOKENS, "peft.method=lora")
+  model = train.build_model(cfg, vocab.resolve(cfg.model)[0])
+  params, frozen = model.split()
+  tokens = np.array([[1, 259, 17, 260, 33, 259], [1, 45, 260, 12, 0, 0]], np.int32)
+  segment_ids = (tokens > 0).astype(np.int32)
+  batch = {"tokens": tokens, "segment_ids": segment_ids, "loss_mask": segment_ids,
+           "positions": np.maximum(np.cumsum(segment_ids, 1) - 1, 0).astype(np.int32)}
+  chunked = loss.chunked_loss(model.module, np.float32, model.trainable, chunk=8)
+  assert chunked.columns == (259, 260) and not chunked.kernel_grad
+  grads = [jax.grad(lambda p, fn=fn: fn(tree.merge(p, frozen), batch)[0])(params)
+           for fn in (loss.chunked_cross_entropy(chunked),
+                      loss.cross_entropy(loss.logits_fn(model.module)))]
+  got, want = (tree.flatten(g) for g in grads)
+  for path in ("new_tokens/embedding", "new_tokens/lm_head"):
+    assert np.abs(want[path]).max() > 1e-4, path
+    np.testing.assert_allclose(got[path], want[path], rtol=1e-4, atol=1e-5, err_msg=path)
