@@ -22,10 +22,10 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from ftjax import hf, peft, quant, rules as prules, sharding, tree
+from ftjax import hf, peft, quant, rules as prules, sharding, tree, vocab as vocab_lib
 from ftjax.config import Config, PartitionRule, PeftConfig, UserError
 from ftjax.models import Family, common
-from ftjax.peft import hf_adapter
+from ftjax.peft import hf_adapter, tokens
 from ftjax.peft.base import Context, Method
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,8 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
                trainable: Any = None, compute: str = "auto", num_labels: int = 0,
                seed: int = 0, mesh: Optional[jax.sharding.Mesh] = None, remat: str = "none",
                attention: str = "auto", tokenizer: Any = None, seq_len: int = 0,
-               init_from: Optional[str] = None, rules: Sequence[PartitionRule] = ()) -> Model:
+               init_from: Optional[str] = None, rules: Sequence[PartitionRule] = (),
+               vocab: Optional[vocab_lib.Extension] = None) -> Model:
   """Loads an HF model directory and adds a PEFT method.
 
   Args:
@@ -158,6 +159,8 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
       default `peft_config.init_from`.
     rules: `partition.rules` (PartitionRule), ahead of `peft_config.frozen` / `.trainable`
       (see ftjax.rules); not with `trainable`.
+    vocab: tokens added to the tokenizer (`vocab.extend`): the tables gain their rows, which
+      train apart from a frozen table with `peft_config.train_new_tokens`.
 
   Raises:
     UserError: for a directory that is not a model, a rule that selects nothing, an adapter
@@ -165,7 +168,7 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
   """
   pl = plan(model_dir, peft_config, trainable=trainable, rules=rules, compute=compute,
             num_labels=num_labels, remat=remat, attention=attention, seq_len=seq_len,
-            init_from=init_from)
+            init_from=init_from, vocab=vocab)
   cfg, spec, module, shapes, family = pl.peft_config, pl.spec, pl.module, pl.shapes, pl.family
   base_paths, chosen, heads, model_cfg, hf_cfg = (pl.base_paths, pl.trainable, pl.heads,
                                                   pl.config, pl.hf_config)
@@ -187,10 +190,13 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
     base_paths = [p for p in base_paths if p not in fresh]
     chosen = _trainable(cfg, trainable, rules, base_paths, shapes, heads | set(fresh), family)
   text_ids = _prompt_text(spec, cfg, tokenizer)
-  params = peft.init(module, loaded.params, jax.random.PRNGKey(seed), text_ids,
-                     Context(model_cfg, family, tuple(base_paths)), set(shapes))
-  del loaded  # the only reference to the base tree is now `params`
-  flat = tree.flatten(params)
+  ctx = Context(model_cfg, family, tuple(base_paths))
+  base = tree.unflatten(vocab_lib.grow(tree.flatten(loaded.params), vocab, module))
+  del loaded
+  params = peft.init(module, base, jax.random.PRNGKey(seed), text_ids, ctx, set(shapes))
+  del base  # the only reference to the base tree is now `params`
+  flat = tokens.init_leaves(spec, tree.flatten(params), ctx) if spec.new_token_leaves \
+      else tree.flatten(params)
   flat.update({p: flat[p].astype(jnp.bfloat16) for p in late})
   for path, value in pl.from_adapter.items():
     if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
@@ -248,7 +254,7 @@ class Plan:
 def plan(model_dir: str, peft_config: Optional[PeftConfig] = None, *, trainable: Any = None,
          rules: Sequence[PartitionRule] = (), compute: str = "auto", num_labels: int = 0,
          remat: str = "none", attention: str = "auto", seq_len: int = 0,
-         init_from: Optional[str] = None) -> Plan:
+         init_from: Optional[str] = None, vocab: Optional[vocab_lib.Extension] = None) -> Plan:
   """Everything `load_model` decides before reading weights (arguments as there)."""
   cfg = dataclasses.replace(peft_config or PeftConfig())
   init_from = cfg.init_from if init_from is None else init_from
@@ -256,6 +262,9 @@ def plan(model_dir: str, peft_config: Optional[PeftConfig] = None, *, trainable:
   base, model_cfg, hf_cfg, family = hf.build(model_dir, dtype, num_labels)
   # A classification head is never part of the frozen base: it always trains.
   base_shapes = tree.flatten(hf.abstract_params(base))
+  if vocab is not None:
+    base, model_cfg, hf_cfg = _with_vocab(base, model_cfg, hf_cfg, family, vocab, dtype,
+                                          num_labels, model_dir)
   base_paths = [p for p in base_shapes if not family.is_classifier(p)]
   ctx = Context(model_cfg, family, tuple(base_paths))
   from_adapter: dict = {}
@@ -279,8 +288,43 @@ def plan(model_dir: str, peft_config: Optional[PeftConfig] = None, *, trainable:
   shapes = tree.flatten(hf.abstract_params(module))
   heads = {p for p in shapes if family.is_classifier(p)}
   chosen = _trainable(cfg, trainable, rules, base_paths, shapes, heads, family)
+  if vocab is not None:
+    spec = dataclasses.replace(spec, new_tokens=vocab.ids,
+                               new_token_leaves=_new_token_leaves(cfg, chosen, ctx))
+    module = module.clone(peft=spec)
+    shapes = tree.flatten(hf.abstract_params(module))
+    leaves = {tokens.LEAVES[n] for n in spec.new_token_leaves}
+    chosen = _trainable(cfg, trainable, rules, base_paths, shapes, heads | leaves, family)
   return Plan(module, spec, cfg, base_paths, base_shapes, shapes, heads, chosen, family,
               model_cfg, hf_cfg, from_adapter)
+
+
+def _with_vocab(base: Any, model_cfg: Any, hf_cfg: dict, family: Family,
+                vocab: vocab_lib.Extension, dtype: Any, num_labels: int, model_dir: str):
+  """(module, model config, HF config) with room for the new tokens' ids: rebuilt with
+  vocab_size max(id) + 1 when the ids fall beyond the table (a padded table needs nothing)."""
+  if not getattr(base, "causal_lm", True):
+    raise UserError(f"model.add_tokens: {model_dir} is an encoder; vocabulary extension is for "
+                    "decoder (causal-LM) families")
+  rows = vocab.rows(model_cfg.vocab_size)
+  if rows == model_cfg.vocab_size:
+    return base, model_cfg, hf_cfg
+  logger.info(f"vocabulary: {model_cfg.vocab_size} -> {rows} embedding rows (new ids "
+              f"{vocab.ids[0]}..{vocab.ids[-1]})")
+  hf_cfg = {**hf_cfg, "vocab_size": rows}
+  model_cfg = family.config_from_hf(hf_cfg)
+  return family.module(model_cfg, dtype, num_labels=num_labels), model_cfg, hf_cfg
+
+
+def _new_token_leaves(cfg: PeftConfig, chosen: set, ctx: Context) -> tuple:
+  """Which tables train the new tokens' rows as their own leaves: the frozen ones, with
+  peft.train_new_tokens (a trained table trains its new rows with the rest)."""
+  frozen = [name for name, (path, _) in tokens.tables(ctx).items() if path not in chosen]
+  if frozen and not cfg.train_new_tokens:
+    logger.warning(f"peft.train_new_tokens is false: the new tokens' rows of the frozen "
+                   f"{' and '.join(frozen)} keep their initial values")
+    return ()
+  return tuple(frozen)
 
 
 def _prompt_text(spec: Method, cfg: PeftConfig, tokenizer: Any) -> Optional[list[int]]:
@@ -315,7 +359,8 @@ def _trainable(cfg: PeftConfig, rule: Any, rules: Sequence[PartitionRule], base_
 
 def from_config(cfg: Config, tokenizer: Any = None, mesh: Optional[jax.sharding.Mesh] = None,
                 skip_init_from: bool = False) -> Model:
-  """`load_model` with a run config's settings (model, peft, precision, data, train)."""
+  """`load_model` with a run config's settings (model, peft, precision, data, train; the
+  tokens `model.add_tokens` adds)."""
   return load_model(cfg.model.path, cfg.peft, mesh=mesh, tokenizer=tokenizer, seed=cfg.train.seed,
                     **_config_args(cfg, skip_init_from))
 
@@ -323,10 +368,13 @@ def from_config(cfg: Config, tokenizer: Any = None, mesh: Optional[jax.sharding.
 def _config_args(cfg: Config, skip_init_from: bool = False) -> dict:
   num_labels = len(cfg.data.labels) if cfg.data.format == "classification" else 0
   dtype = compute_dtype(cfg.precision.compute)
+  vocab = None
+  if cfg.model.add_tokens or cfg.model.add_special_tokens:
+    vocab = vocab_lib.resolve(cfg.model, cfg.train.seed)[1]
   return dict(compute=cfg.precision.compute, num_labels=num_labels, remat=cfg.train.remat,
               attention=common.attention_impl(cfg.model.attention, dtype, cfg.data.packing),
               seq_len=cfg.data.seq_len, init_from="" if skip_init_from else None,
-              rules=cfg.partition.rules)
+              rules=cfg.partition.rules, vocab=vocab)
 
 
 def plan_from_config(cfg: Config) -> Plan:
@@ -355,7 +403,9 @@ def save_merged(model: Model, params: dict, out_dir: str, dtype: str = "auto",
   loads (LoRA folded in; methods that cannot merge are refused with the reason)."""
   full = tree.merge(model.params, params) if params is not model.params else params
   full = tree.unflatten(quant.dequantize_tree(tree.flatten(full)))  # a quantised base's values
+  if model.spec.new_token_leaves:  # the new tokens' rows back into their tables
+    full = tree.unflatten(tokens.fold(model.spec, tree.flatten(full), model.context))
   hf.save_model(out_dir, peft.merge(model.spec, full), model.path, model.family, dtype,
-                config_updates)
+                {"vocab_size": model.config.vocab_size, **(config_updates or {})})
   return out_dir
 

@@ -28,6 +28,15 @@ class ModelConfig:
   path: str = ""  # a local HF model directory (config.json, *.safetensors, tokenizer files)
   # auto: cuDNN's fused flash attention on GPUs in bf16/fp16 when rows are unpacked, else xla
   attention: Literal["auto", "xla", "cudnn"] = "auto"
+  # Vocabulary extension (ftjax/vocab.py): tokens the tokenizer gains (special ones are never
+  # split and are dropped by skip_special_tokens). A token the tokenizer already has is not
+  # new: it is logged and skipped. Rows for new tokens are found by token id.
+  add_tokens: list[str] = dataclasses.field(default_factory=list)
+  add_special_tokens: list[str] = dataclasses.field(default_factory=list)
+  # mean: the mean of the original tokenizer's rows; mean_noise: plus N(0, 1/hidden) noise
+  # from train.seed; description: the mean of the rows of model.token_descriptions[token]
+  new_token_init: Literal["mean", "mean_noise", "description"] = "mean"
+  token_descriptions: Optional[dict[str, str]] = None  # {token: text} for init: description
 
 
 @dataclasses.dataclass
@@ -86,6 +95,11 @@ class PeftConfig:
   # an adapter trained over quantised embeddings sees other weights than it is served with.
   base_quant_embeddings: bool = False
   init_from: str = ""  # an HF PEFT adapter directory to start from
+  # With model.add_tokens: when the embedding table (or an untied head) is frozen, the new
+  # tokens' rows still train, as their own small leaves (PEFT's trainable_token_indices).
+  # On by default: a new token whose row never trains stays the mean of the vocabulary, which
+  # the model can neither read nor produce (the known trap of adding tokens under LoRA).
+  train_new_tokens: bool = True
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
   prefix: PrefixConfig = dataclasses.field(default_factory=PrefixConfig)
@@ -473,6 +487,10 @@ def _validate(cfg: Config) -> None:
        "peft.base_quant_double applies to peft.base_quant nf4 only"),
       (not (cfg.peft.base_quant == "none" and cfg.peft.base_quant_embeddings),
        "peft.base_quant_embeddings needs peft.base_quant nf4 or int8"),
+      (not (cfg.peft.base_quant_embeddings and (cfg.model.add_tokens or
+                                                cfg.model.add_special_tokens)),
+       "peft.base_quant_embeddings cannot be combined with model.add_tokens / "
+       "add_special_tokens (new rows start from the unquantised table)"),
       (cfg.peft.lora.r > 0, "peft.lora.r must be > 0"),
       (cfg.peft.lora.alpha > 0, "peft.lora.alpha must be > 0"),
       (0 <= cfg.peft.lora.dropout < 1, "peft.lora.dropout must be in [0, 1)"),
@@ -524,6 +542,30 @@ def _validate(cfg: Config) -> None:
   for ok, message in checks:
     if not ok:
       raise UserError(message)
+  _validate_tokens(cfg.model)
+
+
+def _validate_tokens(m: ModelConfig) -> None:
+  """model.add_tokens / add_special_tokens / token_descriptions agree with each other."""
+  listed = list(m.add_tokens) + list(m.add_special_tokens)
+  seen = set()
+  for token in listed:
+    if not token:
+      raise UserError("model.add_tokens: an added token cannot be empty")
+    if token in seen:
+      raise UserError(f"model.add_tokens: '{token}' is given twice (add_tokens and "
+                      "add_special_tokens together)")
+    seen.add(token)
+  descriptions = m.token_descriptions or {}
+  for token in descriptions:
+    if token not in seen:
+      raise UserError(f"model.token_descriptions: '{token}' is not in model.add_tokens or "
+                      "model.add_special_tokens")
+  if m.new_token_init == "description":
+    for token in listed:
+      if not descriptions.get(token, "").strip():
+        raise UserError(f"model.new_token_init: description needs model.token_descriptions "
+                        f"for '{token}'")
 
 
 def load(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:

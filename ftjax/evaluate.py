@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 import jax
 
-from ftjax import assembly, data, evaluation, export, generate, hf, loss, metrics, step
+from ftjax import assembly, data, evaluation, export, generate, hf, loss, metrics, step, vocab
 from ftjax.config import Config, DataConfig, EvalConfig, PeftConfig, UserError
 from ftjax.peft import hf_adapter
 
@@ -145,7 +145,7 @@ def load(req: Request) -> Target:
       kind = "a classifier" if classifier else "a causal LM"
       raise UserError(f"--format {req.format}: {req.run} trained {kind} "
                       f"(data.format {cfg.data.format})")
-    target = Target(model.module, params, hf.load_tokenizer(cfg.model.path), cfg, at)
+    target = Target(model.module, params, vocab.run_tokenizer(req.run, cfg.model.path), cfg, at)
     context = _context(model.module, model.hf_config)
     seq_len = req.seq_len or cfg.data.seq_len
   else:

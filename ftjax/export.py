@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Optional
 
-from ftjax import assembly, checkpoint, config, hf, metrics, peft, tree
+from ftjax import assembly, checkpoint, config, hf, metrics, peft, tree, vocab
 from ftjax.config import UserError
 
 logger = logging.getLogger("ftjax.export")
@@ -46,7 +46,7 @@ def load_run(run_dir: str, step: Optional[int | str] = None, model_path: Optiona
     trained = tree.flatten(ckpt.restore_params(step))
   finally:
     ckpt.close()
-  tokenizer = hf.load_tokenizer(cfg.model.path)
+  tokenizer = vocab.run_tokenizer(run_dir, cfg.model.path)
   model = assembly.from_config(cfg, tokenizer, skip_init_from=True)  # the checkpoint has it all
   if set(trained) != model.trainable:
     raise UserError(f"{run_dir}: checkpoint {step} does not hold this config's trainable "
@@ -74,7 +74,7 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None
   cfg, model, params, _ = load_run(run_dir, step, model_path)
   model.path = os.path.abspath(cfg.model.path)
   classify = cfg.data.format == "classification"
-  tokenizer = hf.load_tokenizer(cfg.model.path)
+  tokenizer = vocab.run_tokenizer(run_dir, cfg.model.path)
   if to == "peft":
     assembly.save_adapter(model, params, out_dir, "SEQ_CLS" if classify else "CAUSAL_LM")
     tokenizer.save_pretrained(out_dir)
@@ -85,6 +85,8 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None
     updates = model.family.classifier_config(model.hf_config, cfg.data.labels,
                                              tokenizer.pad_token_id) if classify else None
     assembly.save_merged(model, params, out_dir, dtype, updates)
+    if os.path.isdir(os.path.join(run_dir, vocab.TOKENIZER_DIR)):
+      tokenizer.save_pretrained(out_dir)  # the extended tokenizer over the base's copies
   return out_dir
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import assembly, export, hf, metrics, models
+from ftjax import assembly, export, hf, metrics, models, vocab
 from ftjax.config import PeftConfig, UserError
 from ftjax.peft import hf_adapter
 
@@ -116,7 +116,7 @@ def load_for_generation(model_dir: Optional[str], adapter: Optional[str], run: O
     if model.module.num_labels:
       raise UserError(f"{run} trained a classifier: it does not generate text")
     logger.info(f"{run}: checkpoint of step {step} ({cfg.peft.method})")
-    return model.module, params, hf.load_tokenizer(cfg.model.path), cfg.model.path
+    return model.module, params, vocab.run_tokenizer(run, cfg.model.path), cfg.model.path
   if not model_dir:
     raise UserError("pass --model DIR (with --adapter DIR) or --run RUN_DIR")
   peft_cfg = PeftConfig()

@@ -81,6 +81,7 @@ class ChunkedLoss:
   chunk: int
   dtype: Any = jnp.float32  # the compute dtype of the head matmul
   kernel_grad: bool = True  # False when the output head is frozen (its gradient is skipped)
+  columns: tuple = ()  # a frozen head's columns whose gradient is still needed (new tokens)
 
 
 def chunked_loss(module, dtype: Any, trainable: set, chunk: int = 0) -> Optional[ChunkedLoss]:
@@ -96,20 +97,32 @@ def chunked_loss(module, dtype: Any, trainable: set, chunk: int = 0) -> Optional
   budget = 2**26 if jax.default_backend() == "cpu" else 2**29
   chunk = chunk or max(64, budget // (4 * module.cfg.vocab_size) // 8 * 8)
 
+  # New tokens' rows trained apart from a frozen head replace its columns at their ids; only
+  # those k columns of the head's gradient are then computed (`columns`).
+  spec = module.peft
+  leaf = "embedding" if transposed else "lm_head"
+  leaf = f"new_tokens/{leaf}" if leaf in spec.new_token_leaves else None
+  ids = tuple(spec.new_tokens) if leaf else ()
+
   def hidden_fn(params, batch, rng=None):
     rngs = {"dropout": rng} if rng is not None else None
     h, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
                         batch["segment_ids"], rngs=rngs, return_hidden=True)
-    kernel = tree.flatten(params)[path]
+    flat = tree.flatten(params)
+    kernel = flat[path]
     if isinstance(kernel, QuantKernel):  # a frozen quantised head, dequantised whole
       kernel = kernel.value(dtype)
-    return h, kernel.T if transposed else kernel
-  return ChunkedLoss(hidden_fn, chunk, dtype, kernel_grad=path in trainable)
+    kernel = kernel.T if transposed else kernel
+    if leaf:
+      kernel = kernel.at[:, jnp.asarray(ids)].set(flat[leaf].T.astype(kernel.dtype))
+    return h, kernel
+  return ChunkedLoss(hidden_fn, chunk, dtype, kernel_grad=path in trainable,
+                     columns=() if path in trainable else ids)
 
 
 def chunked_token_losses(h_BxLxD: jax.Array, kernel_DxV: jax.Array, batch: dict, chunk: int,
-                         dtype: Any = jnp.float32, kernel_grad: bool = True
-                         ) -> tuple[jax.Array, jax.Array]:
+                         dtype: Any = jnp.float32, kernel_grad: bool = True,
+                         columns: tuple = ()) -> tuple[jax.Array, jax.Array]:
   """The summed next-token loss and the trained-token count of `token_losses`, from the final
   hidden states and the output head, `chunk` positions at a time: one chunk's fp32 logits exist
   at a time, never the batch's (see `_chunked_nll`)."""
@@ -122,22 +135,27 @@ def chunked_token_losses(h_BxLxD: jax.Array, kernel_DxV: jax.Array, batch: dict,
   pad = -h.shape[0] % chunk
   h, targets, weights = (jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
                          for x in (h, targets, weights))
-  return (_chunked_nll(h, kernel_DxV, targets, weights, chunk, jnp.dtype(dtype), kernel_grad),
-          weights.sum())
+  return (_chunked_nll(h, kernel_DxV, targets, weights, chunk, jnp.dtype(dtype), kernel_grad,
+                       tuple(columns)), weights.sum())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_nll(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kernel_grad=True):
-  return _chunked_nll_fwd(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kernel_grad)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked_nll(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kernel_grad=True,
+                 columns=()):
+  return _chunked_nll_fwd(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kernel_grad,
+                          columns)[0]
 
 
-def _chunked_nll_fwd(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kernel_grad=True):
+def _chunked_nll_fwd(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kernel_grad=True,
+                     columns=()):
   """Loss and both gradients in one pass over the chunks: each chunk's softmax gives its logit
   gradient at once, so the backward pass only scales what the forward pass accumulated (no
   logits are recomputed or kept). Without `kernel_grad` (a frozen head) the head's gradient is
-  not computed (it comes back as zeros)."""
+  not computed (it comes back as zeros), except for the `columns` asked for (new tokens' rows
+  trained apart: k columns, h.T @ their logit gradients)."""
   n, d = h_NxD.shape
   kernel = kernel_DxV.astype(dtype)
+  cols = jnp.asarray(columns, jnp.int32)
 
   def piece(dk, xs):
     h_c, t_c, w_c = xs
@@ -150,19 +168,28 @@ def _chunked_nll_fwd(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kern
     dh = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)
     if kernel_grad:
       dk = dk + jnp.dot(h_c.astype(dtype).T, dlogits, preferred_element_type=jnp.float32)
+    elif columns:
+      dk = dk + jnp.dot(h_c.astype(dtype).T, dlogits[:, cols], preferred_element_type=jnp.float32)
     return dk, (jnp.sum(nll * w_c), dh)
 
-  dk = jnp.zeros((d, kernel.shape[-1]) if kernel_grad else (), jnp.float32)
+  width = kernel.shape[-1] if kernel_grad else len(columns)
+  dk = jnp.zeros((d, width) if kernel_grad or columns else (), jnp.float32)
   dk, (sums, dh) = jax.lax.scan(
       piece, dk,
       (h_NxD.reshape(-1, chunk, d), targets_N.reshape(-1, chunk), weights_N.reshape(-1, chunk)))
-  dk = dk.astype(kernel_DxV.dtype) if kernel_grad else jnp.zeros((), kernel_DxV.dtype)
+  if kernel_grad:
+    dk = dk.astype(kernel_DxV.dtype)
+  elif columns:  # the k columns in place, zeros elsewhere (the frozen columns' cotangent)
+    dk = jnp.zeros(kernel_DxV.shape, kernel_DxV.dtype).at[:, cols].set(dk.astype(kernel_DxV.dtype))
+  else:
+    dk = jnp.zeros((), kernel_DxV.dtype)
   return jnp.sum(sums), (dh.reshape(n, d).astype(h_NxD.dtype), dk)
 
 
-def _chunked_nll_bwd(chunk, dtype, kernel_grad, residuals, g):
+def _chunked_nll_bwd(chunk, dtype, kernel_grad, columns, residuals, g):
   del chunk, dtype
   dh, dk = residuals
+  kernel_grad = kernel_grad or bool(columns)
   dk = (g * dk).astype(dk.dtype) if kernel_grad else None  # None: a zero cotangent
   return (g * dh).astype(dh.dtype), dk, None, None
 
@@ -207,7 +234,7 @@ def chunked_cross_entropy(chunked: ChunkedLoss) -> LossFn:
     del context
     h, kernel = chunked.hidden_fn(params, batch, rng)
     nll_sum, count = chunked_token_losses(h, kernel, batch, chunked.chunk, chunked.dtype,
-                                          chunked.kernel_grad)
+                                          chunked.kernel_grad, chunked.columns)
     return nll_sum, {"tokens": count}
   return loss_fn
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import (assembly, checkpoint, config, data, evaluation, hf, loop, loss, metrics,
-                   optim, partition, preference, regularize, sharding, start, step, tree)
+                   optim, partition, preference, regularize, sharding, start, step, tree, vocab)
 from ftjax.config import Config, UserError
 
 logger = logging.getLogger("ftjax.train")  # not __main__ under python -m
@@ -181,7 +181,9 @@ def _data(cfg: Config) -> Data:
   `data.labels` (classification) and `train.steps` (from `train.epochs`) in `cfg`."""
   base_module, model_cfg, _, _ = hf.build(cfg.model.path)
   hf.check_weights(cfg.model.path)
-  tokenizer = hf.load_tokenizer(cfg.model.path)
+  tokenizer, added = vocab.resolve(cfg.model, cfg.train.seed)
+  vocab.check_run(cfg.train.output_dir, added)
+  vocab_size = added.rows(model_cfg.vocab_size) if added else model_cfg.vocab_size
   classify = cfg.data.format == "classification"
   if not classify and not getattr(base_module, "causal_lm", True):
     raise UserError(f"{cfg.model.path} is an encoder: it trains with data.format: "
@@ -207,7 +209,7 @@ def _data(cfg: Config) -> Data:
   if cfg.eval.patience and not evals:
     raise UserError("eval.patience (early stopping) needs an eval set: set data.eval or "
                     "data.eval_fraction")
-  data.check_vocab(train_examples + [e for x in evals.values() for e in x], model_cfg.vocab_size)
+  data.check_vocab(train_examples + [e for x in evals.values() for e in x], vocab_size)
   batches = data.Batches(train_examples, cfg.train.batch_size, cfg.data.seq_len,
                          tokenizer.pad_token_id, cfg.train.seed, packing=cfg.data.packing,
                          buckets=cfg.data.buckets, process_index=jax.process_index(),
@@ -223,7 +225,7 @@ def _data(cfg: Config) -> Data:
   if cfg.regularize.ewc.lam:
     ewc = data.load(cfg.regularize.ewc.data, cfg.data, tokenizer, loaded.labels)
     ewc = ewc[:cfg.regularize.ewc.max_examples or None]
-    data.check_vocab(ewc, model_cfg.vocab_size)
+    data.check_vocab(ewc, vocab_size)
   return Data(tokenizer, train_examples, evals, batches, ewc)
 
 
@@ -326,6 +328,8 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
       return result
   if main:
     config.dump(cfg, os.path.join(out_dir, "config.yaml"))
+    if cfg.model.add_tokens or cfg.model.add_special_tokens:
+      vocab.save(d.tokenizer, out_dir)  # resume, evaluate, generate and export read it
   log = metrics.MetricsLog(out_dir, result.start_step, enabled=main)
   if not restored and cfg.partition.sparse.density:
     state = start.choose_sparse(cfg, d.batches, state, frozen, loss_for(cfg, model), mesh)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -93,3 +94,56 @@ def score(h_BxLxD: jax.Array, segment_ids_BxL: jax.Array, num_labels: int, dtype
   pooled = layers.last_token(h_BxLxD, segment_ids_BxL)
   logits = layers.Dense(num_labels, ("embed", None), False, dtype, name="score")(pooled)
   return logits.astype(jnp.float32)
+
+
+class NewTokens(nn.Module):
+  """The rows of tokens added to the vocabulary, trained apart from a frozen table (PEFT's
+  TrainableTokens): `embedding` (k, hidden) replaces the table's rows in the lookup, `lm_head`
+  (k, hidden) an untied head's columns in the logits (a tied head uses `embedding`)."""
+
+  count: int
+  features: int
+  leaves: tuple
+
+  @nn.compact
+  def __call__(self) -> dict:
+    init = nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed"))
+    return {name: self.param(name, init, (self.count, self.features), jnp.float32)
+            for name in self.leaves}
+
+
+def new_token_rows(module, spec, features: int) -> Optional[dict]:
+  """The new tokens' own rows ({leaf: (k, hidden)}), created in `module`'s scope as
+  `new_tokens/...`, or None when no table trains them apart."""
+  if not spec.new_token_leaves:
+    return None
+  return NewTokens(len(spec.new_tokens), features, tuple(spec.new_token_leaves),
+                   name="new_tokens")()
+
+
+def embed_new_tokens(h_BxLxD: jax.Array, tokens_BxL: jax.Array, rows: Optional[dict],
+                     spec) -> jax.Array:
+  """Token embeddings with the new tokens' trained rows in place of the frozen table's."""
+  if not rows or "embedding" not in rows:
+    return h_BxLxD
+  hit_BxLxK = tokens_BxL[..., None] == jnp.asarray(spec.new_tokens, tokens_BxL.dtype)
+  new_BxLxD = jnp.take(rows["embedding"], jnp.argmax(hit_BxLxK, axis=-1), axis=0)
+  return jnp.where(jnp.any(hit_BxLxK, axis=-1)[..., None], new_BxLxD.astype(h_BxLxD.dtype),
+                   h_BxLxD)
+
+
+def head_rows(rows: Optional[dict], tied: bool) -> Optional[jax.Array]:
+  """The (k, hidden) rows that replace the output head's columns of the new tokens, or None."""
+  if not rows:
+    return None
+  return rows.get("embedding" if tied else "lm_head")
+
+
+def new_token_logits(h_BxLxD: jax.Array, logits_BxLxV: jax.Array, rows: Optional[jax.Array],
+                     spec, dtype: Any) -> jax.Array:
+  """The logits with the new tokens' columns computed from their own rows (k columns: the
+  frozen head's columns at those ids are overwritten, never trained)."""
+  if rows is None:
+    return logits_BxLxV
+  new = jnp.dot(h_BxLxD.astype(dtype), rows.astype(dtype).T)
+  return logits_BxLxV.at[..., jnp.asarray(spec.new_tokens)].set(new.astype(logits_BxLxV.dtype))

@@ -130,8 +130,10 @@ class GPT2(nn.Module):
                virtual_tokens: bool = True, return_hidden: bool = False):
     cfg, spec = self.cfg, self.peft
     wte = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="wte")
+    new_rows = common.new_token_rows(self, spec, cfg.hidden_size)
+    h = common.embed_new_tokens(wte(tokens_BxL), tokens_BxL, new_rows, spec)
     h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
-        self, wte(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
+        self, h, positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
     wpe = layers.Embed(cfg.max_positions, cfg.hidden_size, self.dtype, name="wpe")
     h = layers.dropout(self, cfg.embd_dropout, h + wpe(positions_BxL))
     masks, prefixes, index, k_seg = common.masks_and_prefixes(
@@ -150,7 +152,8 @@ class GPT2(nn.Module):
       return common.score(h, segment_ids_BxL[:, soft:], self.num_labels, self.dtype), None
     if return_hidden:  # the caller applies `output_kernel` itself (a chunked loss)
       return h, None
-    logits = wte.attend(h)
+    logits = common.new_token_logits(h, wte.attend(h), common.head_rows(new_rows, True), spec,
+                                     self.dtype)
     if cache is not None:
       cache = {"index": index + h.shape[1] + soft, "segment_ids": k_seg, "layers": new_layers}
     return logits.astype(jnp.float32), cache

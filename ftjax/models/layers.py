@@ -74,6 +74,8 @@ class PeftHooks:
   method = "none"
   prefix_len = 0  # key/value positions prepended in every attention layer
   prompt_len = 0  # soft tokens prepended to the input embeddings
+  new_tokens = ()  # ids of tokens added to the vocabulary (ftjax/vocab.py)
+  new_token_leaves = ()  # "embedding" / "lm_head": new rows trained as their own leaves
 
   @property
   def virtual_tokens(self) -> int:

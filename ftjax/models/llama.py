@@ -213,8 +213,10 @@ class Llama(nn.Module):
                virtual_tokens: bool = True, return_hidden: bool = False):
     cfg, spec = self.cfg, self.peft
     embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
+    new_rows = common.new_token_rows(self, spec, cfg.hidden_size)
+    h = common.embed_new_tokens(embed(tokens_BxL), tokens_BxL, new_rows, spec)
     h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
-        self, embed(tokens_BxL), positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
+        self, h, positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
     masks, prefixes, index, k_seg = common.masks_and_prefixes(
         self, positions_BxL, segment_ids_BxL, cache, spec, cfg, self.dtype,
         attention=self.attention)
@@ -239,6 +241,8 @@ class Llama(nn.Module):
     else:
       logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), False, self.dtype, peft=spec,
                             name="lm_head")(h)
+    logits = common.new_token_logits(
+        h, logits, common.head_rows(new_rows, cfg.tie_word_embeddings), spec, self.dtype)
     if cache is not None:
       cache = {"index": index + h.shape[1] + soft, "segment_ids": k_seg, "layers": new_layers}
     return logits.astype(jnp.float32), cache

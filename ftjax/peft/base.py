@@ -70,6 +70,11 @@ class Method(layers.PeftHooks):
   # What HF PEFT puts before a base model's tensor names in this method's adapters.
   peft_prefix: ClassVar[str] = "base_model.model."
   merge_refusal: ClassVar[Optional[str]] = None  # why `merge` cannot work, if it cannot
+  # Tokens added to the vocabulary, and which frozen tables train their rows as separate leaves
+  # (`new_tokens/embedding`, `new_tokens/lm_head`; see ftjax/peft/tokens.py). Set by
+  # ftjax.assembly after the method is resolved, for any method (none included).
+  new_tokens: tuple = dataclasses.field(default=(), kw_only=True)
+  new_token_leaves: tuple = dataclasses.field(default=(), kw_only=True)
 
   @classmethod
   def from_config(cls, cfg: PeftConfig, ctx: Context) -> "Method":

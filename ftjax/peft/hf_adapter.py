@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from ftjax import peft, tree
 from ftjax.config import UserError
+from ftjax.peft import tokens
 from ftjax.peft.base import Context, Method
 
 # Options that change the computation in ways ftjax does not implement (default = fine).
@@ -39,6 +40,15 @@ def save(out_dir: str, spec: Method, params: dict, trained_base: set[str], ctx: 
 
   family, flat = ctx.family, tree.flatten(params)
   config, tensors = spec.to_peft(flat, ctx)
+  if spec.new_tokens:  # the added tokens' rows, as PEFT's trainable tokens
+    indices, rows = tokens.to_peft(spec, flat, trained_base, ctx)
+    if indices is not None and spec.method != "lora":
+      raise UserError(f"model.add_tokens: HF PEFT holds new tokens' rows "
+                      f"(trainable_token_indices) beside LoRA only, not {spec.method}; export "
+                      "with --to hf instead")
+    if indices is not None:
+      config["trainable_token_indices"] = indices
+      tensors.update(rows)
   prefix = spec.peft_prefix
   modules = sorted({p.rsplit("/", 1)[0] for p in trained_base})
   base = set(ctx.base_paths)
