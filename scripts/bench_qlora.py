@@ -15,6 +15,7 @@ pass through.
 """
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -53,7 +54,8 @@ def main() -> int:
           f"{r['peak_rss_mib']:>14.0f}{r['median_step_s']:>9.2f}")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"command": " ".join([sys.executable] + sys.argv), "rows": rows}, f, indent=1)
+      json.dump({"date": datetime.date.today().isoformat(), "cores": os.cpu_count(),
+                 "command": " ".join(["python"] + sys.argv), "rows": rows}, f, indent=1)
   return 0
 
 
