@@ -213,3 +213,37 @@ def test_chunked_head_gives_the_new_rows_the_whole_logit_gradient(tiny_llama_dir
   for path in ("new_tokens/embedding", "new_tokens/lm_head"):
     assert np.abs(want[path]).max() > 1e-4, path
     np.testing.assert_allclose(got[path], want[path], rtol=1e-4, atol=1e-5, err_msg=path)
+
+
+@pytest.mark.slow
+def test_chat_data_with_a_new_special_token_trains_and_generates_it(tiny_llama_dir, tmp_path):
+  """A `<tool_call>` marker in assistant turns of chat data: trained under LoRA (only its rows
+  and the adapter), then produced by greedy generation after the chat template's prompt."""
+  import shutil  # pylint: disable=import-outside-toplevel
+
+  model_dir = str(tmp_path / "chat_model")
+  shutil.copytree(tiny_llama_dir, model_dir)
+  tok = hf.load_tokenizer(model_dir)
+  tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>"
+                       "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}")
+  tok.save_pretrained(model_dir)
+  chats = lambda n, seed: [{"messages": [
+      {"role": "user", "content": r["prompt"]},
+      {"role": "assistant", "content": "<tool_call>" + r["completion"]}]}
+      for r in tiny.reverse_records(n, seed)]
+  files = [tiny.write_jsonl(str(tmp_path / f"{s}.jsonl"), chats(n, i))
+           for i, (s, n) in enumerate([("train", 64), ("eval", 8)])]
+  cfg = _cfg(model_dir, "data.format=chat", "data.seq_len=112", f"data.train={files[0]}",
+             f"data.eval={files[1]}",
+             f"train.output_dir={tmp_path / 'run'}", "train.batch_size=8", "train.steps=12",
+             "optim.lr=2e-2", "optim.warmup_steps=1", "eval.batch_size=4", "peft.method=lora",
+             "model.add_special_tokens=[<tool_call>]")
+  result = train.run(cfg)
+  assert result["after"]["eval_loss"] < result["before"]["eval_loss"]
+  module, params, gen_tok, _ = generate.load_for_generation(None, None, result["output_dir"])
+  tool_call = gen_tok.convert_tokens_to_ids("<tool_call>")
+  prompt = gen_tok.apply_chat_template(chats(1, 1)[0]["messages"][:1],
+                                       add_generation_prompt=True, tokenize=True)
+  prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+  out_ids = generate.greedy(module, params, [prompt], 3)[0]
+  assert out_ids[0] == tool_call, out_ids
