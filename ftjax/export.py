@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Optional
 
-from ftjax import assembly, checkpoint, config, hf, metrics, peft, tree, vocab
+from ftjax import assembly, checkpoint, config, metrics, peft, tree, vocab
 from ftjax.config import UserError
 
 logger = logging.getLogger("ftjax.export")

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import peft as hf_peft
 import pytest
-import torch
 import transformers
 from safetensors.numpy import load_file
 

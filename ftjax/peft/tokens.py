@@ -59,7 +59,7 @@ def to_peft(spec, flat: dict, trained_base: set, ctx) -> tuple[object, dict]:
   PEFT, as here)."""
   folded, ids = fold(spec, flat, ctx), list(spec.new_tokens)
   indices, tensors = {}, {}
-  for name, (path, by_row) in tables(ctx).items():
+  for path, by_row in tables(ctx).values():
     if path in trained_base:
       continue
     module = ctx.family.to_hf(path)[0].rsplit(".", 1)[0]
