@@ -182,9 +182,9 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
   quantized = _quantized(cfg, spec, base_paths, chosen, family)
   loaded = hf.load(model_dir, dtype, shardings=layout, num_labels=num_labels, dtypes=dtypes,
                    expected=pl.base_shapes, quant=quantized)
-  if layout is not None:  # a quantised weight's arrays are placed each in its own shards
-    layout.update({p: hf.sharding_of_quantized(tree.flatten(loaded.params)[p], layout[p])
-                   for p in quantized})
+  if layout is not None and quantized:  # a quantised weight's arrays each in its own shards
+    stored = tree.flatten(loaded.params)
+    layout.update({p: sharding.quantized(stored[p], layout[p]) for p in quantized})
   fresh = loaded.fresh
   if fresh:  # e.g. BERT's pooler: initialised here, so not frozen base weights
     base_paths = [p for p in base_paths if p not in fresh]
@@ -358,18 +358,19 @@ def _trainable(cfg: PeftConfig, rule: Any, rules: Sequence[PartitionRule], base_
 
 
 def from_config(cfg: Config, tokenizer: Any = None, mesh: Optional[jax.sharding.Mesh] = None,
-                skip_init_from: bool = False) -> Model:
+                skip_init_from: bool = False, vocab: Optional[vocab_lib.Extension] = None
+                ) -> Model:
   """`load_model` with a run config's settings (model, peft, precision, data, train; the
-  tokens `model.add_tokens` adds)."""
+  tokens `model.add_tokens` adds, resolved here unless `vocab` already holds them)."""
   return load_model(cfg.model.path, cfg.peft, mesh=mesh, tokenizer=tokenizer, seed=cfg.train.seed,
-                    **_config_args(cfg, skip_init_from))
+                    **_config_args(cfg, skip_init_from, vocab))
 
 
-def _config_args(cfg: Config, skip_init_from: bool = False) -> dict:
+def _config_args(cfg: Config, skip_init_from: bool = False,
+                 vocab: Optional[vocab_lib.Extension] = None) -> dict:
   num_labels = len(cfg.data.labels) if cfg.data.format == "classification" else 0
   dtype = compute_dtype(cfg.precision.compute)
-  vocab = None
-  if cfg.model.add_tokens or cfg.model.add_special_tokens:
+  if vocab is None and (cfg.model.add_tokens or cfg.model.add_special_tokens):
     vocab = vocab_lib.resolve(cfg.model, cfg.train.seed)[1]
   return dict(compute=cfg.precision.compute, num_labels=num_labels, remat=cfg.train.remat,
               attention=common.attention_impl(cfg.model.attention, dtype, cfg.data.packing),

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ftjax import quant, tree
+from ftjax import quant, sharding as placement, tree
 from ftjax.config import UserError
 from ftjax import models
 from ftjax.models import Family
@@ -225,29 +225,7 @@ def _quantized(array: np.ndarray, path: str, transpose: bool, kind: str, double:
     raise UserError(f"peft.base_quant {kind}: {e}") from None
   if sharding is None:
     return jax.tree.map(jnp.asarray, q)
-  return jax.tree.map(jax.device_put, q, sharding_of_quantized(q, sharding))
-
-
-def sharding_of_quantized(q: quant.QuantKernel, sharding: jax.sharding.NamedSharding
-                          ) -> quant.QuantKernel:
-  """The shardings of a quantised weight's arrays, from its parameter's: blocks and scales
-  split along the rows (and columns) of the matrix as the parameter is split, where the mesh
-  axis divides them; the second-level scales replicated."""
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-
-  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-  rows_cols = spec[::-1] if q.transposed else spec
-  sizes = dict(sharding.mesh.shape)
-
-  def fit(shape):
-    axes = [a if a is not None and dim % sizes[a] == 0 else None
-            for a, dim in zip(rows_cols, shape)]
-    return NamedSharding(sharding.mesh, P(*axes))
-
-  rep = NamedSharding(sharding.mesh, P())
-  return quant.QuantKernel(fit(q.data.shape), fit(q.absmax.shape),
-                           None if q.absmax2 is None else rep, None if q.offset is None else rep,
-                           kind=q.kind, transposed=q.transposed)
+  return jax.tree.map(jax.device_put, q, placement.quantized(q, sharding))
 
 
 def load_tokenizer(model_dir: str):

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ftjax import tree
+from ftjax import quant, tree
 from ftjax.config import DistributedConfig, MeshConfig, UserError
 
 AXES = ("data", "fsdp", "tensor")
@@ -131,6 +131,25 @@ def param_shardings(module: Any, mesh: Mesh) -> dict[str, NamedSharding]:
   """{path: NamedSharding} for every parameter of `module`, from its logical axis names."""
   return {p: NamedSharding(mesh, spec)
           for p, spec in param_specs(module, dict(mesh.shape)).items()}
+
+
+def quantized(q: quant.QuantKernel, sharding: NamedSharding) -> quant.QuantKernel:
+  """The shardings of a quantised weight's arrays, from its parameter's: blocks and scales
+  split along the rows (and columns) of the matrix as the parameter is split, where the mesh
+  axis divides them; the second-level scales replicated."""
+  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+  rows_cols = spec[::-1] if q.transposed else spec
+  sizes = dict(sharding.mesh.shape)
+
+  def fit(shape):
+    axes = [a if a is not None and dim % sizes[a] == 0 else None
+            for a, dim in zip(rows_cols, shape)]
+    return NamedSharding(sharding.mesh, P(*axes))
+
+  rep = NamedSharding(sharding.mesh, P())
+  return quant.QuantKernel(fit(q.data.shape), fit(q.absmax.shape),
+                           None if q.absmax2 is None else rep, None if q.offset is None else rep,
+                           kind=q.kind, transposed=q.transposed)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -36,10 +36,11 @@ compute_dtype = assembly.compute_dtype
 
 
 def build_model(cfg: Config, tokenizer, skip_init_from: bool = False,
-                mesh: Optional[jax.sharding.Mesh] = None) -> assembly.Model:
+                mesh: Optional[jax.sharding.Mesh] = None,
+                vocab_added: Optional[vocab.Extension] = None) -> assembly.Model:
   """`assembly.from_config`, then records the resolved PEFT settings (`peft.init_from`'s rank,
   targets, length...) in `cfg.peft`, so the run's config.yaml holds them."""
-  model = assembly.from_config(cfg, tokenizer, mesh, skip_init_from)
+  model = assembly.from_config(cfg, tokenizer, mesh, skip_init_from, vocab_added)
   cfg.peft = model.peft_config
   return model
 
@@ -83,6 +84,7 @@ class Data:
   evals: dict  # {name: examples}: data.eval's sets ("" for the unnamed one)
   batches: data.Batches
   ewc: list = dataclasses.field(default_factory=list)  # regularize.ewc.data's examples
+  added: Optional[vocab.Extension] = None  # the tokens model.add_tokens added to `tokenizer`
 
   @property
   def eval(self) -> list:
@@ -226,7 +228,7 @@ def _data(cfg: Config) -> Data:
     ewc = data.load(cfg.regularize.ewc.data, cfg.data, tokenizer, loaded.labels)
     ewc = ewc[:cfg.regularize.ewc.max_examples or None]
     data.check_vocab(ewc, vocab_size)
-  return Data(tokenizer, train_examples, evals, batches, ewc)
+  return Data(tokenizer, train_examples, evals, batches, ewc, added)
 
 
 def _setup(cfg: Config, d: Data) -> Setup:
@@ -238,7 +240,7 @@ def _setup(cfg: Config, d: Data) -> Setup:
   if (cfg.train.batch_size // cfg.train.grad_accum) % shards:
     raise UserError(f"train.batch_size / train.grad_accum ({cfg.train.batch_size} / "
                     f"{cfg.train.grad_accum}) must divide by mesh data x fsdp ({shards})")
-  model = build_model(cfg, d.tokenizer, mesh=mesh)
+  model = build_model(cfg, d.tokenizer, mesh=mesh, vocab_added=d.added)
   if model.fresh:
     logger.info(f"initialised fresh (not in {cfg.model.path}): {', '.join(model.fresh)}")
   params, frozen = model.split()
