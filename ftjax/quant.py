@@ -128,9 +128,9 @@ def quantize_blockwise8(x: np.ndarray, blocksize: int = BLOCK2, kernel: str = "c
   nearest entry by binary search (ties to the lower)."""
   code = dynamic_map()
   blocks, absmax = _blocks(np.asarray(x, np.float32).reshape(-1), blocksize)
-  with np.errstate(divide="ignore", invalid="ignore"):
+  with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block: 0 * inf
     inv = (np.float32(1) / absmax).astype(np.float32)
-  normed = (blocks * inv[:, None]).reshape(-1)[:x.size]
+    normed = (blocks * inv[:, None]).reshape(-1)[:x.size]
   zero = ~np.isfinite(normed)  # an all-zero block: bitsandbytes writes index 0
   normed = np.where(zero, np.float32(0), normed)
   if kernel == "cpu":
