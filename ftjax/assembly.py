@@ -94,8 +94,9 @@ class Model:
     """The logits of a batch (`tokens`, `positions`, `segment_ids`); dropout when `rng` is
     given."""
     rngs = {"dropout": rng} if rng is not None else None
-    logits, _ = self.module.apply({"params": params}, batch["tokens"], batch["positions"],
-                                  batch["segment_ids"], rngs=rngs)
+    with peft.multi.rows(batch.get("adapter")):
+      logits, _ = self.module.apply({"params": params}, batch["tokens"], batch["positions"],
+                                    batch["segment_ids"], rngs=rngs)
     return logits
 
   def with_trainable(self, rule: Any) -> "Model":

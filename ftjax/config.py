@@ -12,11 +12,17 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+# peft.adapters names: path components of their parameters (`.../q_proj/<NAME>/lora_a`), so
+# not a leaf name a dense layer already has.
+ADAPTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+RESERVED_NAMES = ("bias", "embedding", "kernel", "lora_a", "lora_b", "lora_magnitude", "scale")
 
 
 class UserError(Exception):
@@ -47,6 +53,13 @@ class LoraConfig:
   dropout: float = 0.0
   rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
   dora: bool = False  # weight-decomposed LoRA (a trained magnitude per output feature)
+
+
+@dataclasses.dataclass
+class NamedLoraConfig(LoraConfig):
+  """One of `peft.adapters`: a LoRA (or DoRA) adapter of its own over the shared base."""
+
+  method: Literal["lora", "dora"] = "lora"  # dora: the same as dora: true
 
 
 @dataclasses.dataclass
@@ -105,6 +118,10 @@ class PeftConfig:
   prefix: PrefixConfig = dataclasses.field(default_factory=PrefixConfig)
   prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
   ia3: IA3Config = dataclasses.field(default_factory=IA3Config)
+  # Several named adapters over one frozen base ({NAME: {r, alpha, targets, dora, ...}}, each
+  # with peft.lora's defaults, not its values), trained together with data.train {NAME: FILES}:
+  # each row of a batch applies its own task's adapter (ftjax/peft/multi.py).
+  adapters: Optional[dict[str, NamedLoraConfig]] = None
 
 
 @dataclasses.dataclass
@@ -115,8 +132,13 @@ class MixSource:
 
 @dataclasses.dataclass
 class DataConfig:
-  # Local jsonl/json/csv/parquet/txt files, globs, or saved datasets directories (one or a list).
-  train: list[str] = dataclasses.field(default_factory=list)
+  # Local jsonl/json/csv/parquet/txt files, globs, or saved datasets directories (one or a list);
+  # or tasks {NAME: FILES, ...}, one per adapter of peft.adapters, each row with its task's.
+  train: Union[list[str], dict[str, list[str]]] = dataclasses.field(default_factory=list)
+  # Tasks: each task's share of an epoch's rows (relative; default: proportional to its rows).
+  task_weights: Optional[dict[str, float]] = None
+  # Tasks: mixed (rows of any tasks in one batch) | single (each batch holds one task's rows).
+  task_batches: Literal["mixed", "single"] = "mixed"
   # Held-out files of the same format: a list (one eval set, `eval_loss`), or named sets
   # {NAME: FILES, ...}, each logged as `eval_<NAME>_loss` / `eval_<NAME>_ppl` (the first named
   # set also as `eval_loss`, which early stopping watches).
@@ -543,6 +565,59 @@ def _validate(cfg: Config) -> None:
     if not ok:
       raise UserError(message)
   _validate_tokens(cfg.model)
+  _validate_tasks(cfg)
+
+
+def _validate_tasks(cfg: Config) -> None:
+  """peft.adapters and data.train's tasks name each other, in combinations that are built."""
+  d, p = cfg.data, cfg.peft
+  tasks = list(d.train) if isinstance(d.train, dict) else None
+  if p.adapters is None:
+    if tasks is not None:
+      raise UserError("data.train names tasks (a mapping): give each its adapter in "
+                      "peft.adapters")
+    if d.task_weights:
+      raise UserError("data.task_weights needs tasks (data.train: {NAME: FILES})")
+    return
+  if p.method not in ("none", "lora"):
+    raise UserError(f"peft.adapters holds LoRA / DoRA adapters; it cannot be combined with "
+                    f"peft.method {p.method}")
+  p.method = "lora"  # what the named adapters are
+  if tasks is None:
+    raise UserError("peft.adapters: data.train must name each adapter's data "
+                    "({NAME: FILES, ...})")
+  for name in tasks:
+    if name not in p.adapters:
+      raise UserError(f"data.train.{name}: no adapter of that name in peft.adapters "
+                      f"({', '.join(p.adapters)})")
+  for name, a in p.adapters.items():
+    if not ADAPTER_NAME.match(name) or name in RESERVED_NAMES:
+      raise UserError(f"peft.adapters.{name}: an adapter name is letters, digits, '_' or '-', "
+                      f"starting with a letter, and not one of {', '.join(RESERVED_NAMES)}")
+    if name not in tasks:
+      raise UserError(f"peft.adapters.{name}: no data for it in data.train")
+    if a.r <= 0 or a.alpha <= 0 or not 0 <= a.dropout < 1 or not a.targets:
+      raise UserError(f"peft.adapters.{name}: r and alpha must be > 0, dropout in [0, 1), "
+                      "and targets name at least one pattern")
+  for name, w in (d.task_weights or {}).items():
+    if name not in tasks or not w > 0:
+      raise UserError(f"data.task_weights.{name}: must name a task of data.train and be > 0")
+  if isinstance(d.eval, dict):
+    for name in d.eval:
+      if name not in tasks:
+        raise UserError(f"data.eval.{name}: with tasks, each eval set is named after the task "
+                        f"(and adapter) it evaluates ({', '.join(tasks)})")
+  elif d.eval:
+    raise UserError("data.eval: with tasks, name each eval set after its task "
+                    "({NAME: FILES}), or use data.eval_fraction")
+  unsupported = [(d.format in ("classification", "preference"), f"data.format {d.format}"),
+                 (bool(d.mix), "data.mix"), (bool(p.init_from), "peft.init_from"),
+                 (bool(cfg.distill.teacher), "distill.teacher"),
+                 (bool(cfg.regularize.ewc.lam), "regularize.ewc"),
+                 (bool(cfg.partition.sparse.density), "partition.sparse")]
+  for bad, what in unsupported:
+    if bad:
+      raise UserError(f"peft.adapters (several adapters) cannot be combined with {what}")
 
 
 def _validate_tokens(m: ModelConfig) -> None:

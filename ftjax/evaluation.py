@@ -80,8 +80,9 @@ def generated(module, params: dict, examples, tokenizer, cfg: Config, show: int 
   chosen = [ex for ex in examples if ex.prompt_len][:cfg.eval.samples]
   if not chosen:
     return {}
+  tasks = [ex.task for ex in chosen] if chosen[0].task >= 0 else None  # rows' adapters
   outputs = generate.greedy(module, params, [ex.tokens[:ex.prompt_len].tolist() for ex in chosen],
-                            cfg.eval.max_new_tokens, tokenizer.eos_token_id)
+                            cfg.eval.max_new_tokens, tokenizer.eos_token_id, tasks)
   got = [tokenizer.decode(out, skip_special_tokens=True).strip() for out in outputs]
   want = [tokenizer.decode(ex.tokens[ex.prompt_len:], skip_special_tokens=True).strip()
           for ex in chosen]

@@ -27,7 +27,7 @@ import numpy as np
 
 from ftjax import assembly, export, hf, metrics, models, vocab
 from ftjax.config import PeftConfig, UserError
-from ftjax.peft import hf_adapter
+from ftjax.peft import hf_adapter, multi
 
 
 logger = logging.getLogger("ftjax.generate")  # not __main__ under python -m
@@ -35,9 +35,10 @@ logger = logging.getLogger("ftjax.generate")  # not __main__ under python -m
 
 @functools.partial(jax.jit, static_argnames=("module", "prefill", "top_k"))
 def _forward(module, params, tokens, positions, segment_ids, cache, rng, temperature, top_p,
-             prefill, top_k):
-  logits, cache = module.apply({"params": params}, tokens, positions, segment_ids, cache,
-                               virtual_tokens=prefill)
+             adapter, prefill, top_k):
+  with multi.rows(adapter):  # each row's adapter (peft.adapters), or None
+    logits, cache = module.apply({"params": params}, tokens, positions, segment_ids, cache,
+                                 virtual_tokens=prefill)
   return pick(logits[:, -1], rng, temperature, top_p, top_k), cache
 
 
@@ -61,8 +62,10 @@ def pick(logits_BxV: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: j
 
 def sample(module: Any, params: dict, prompts: list[list[int]], max_new_tokens: int,
            stop_ids: Sequence[int] = (), temperature: float = 0.0, top_k: int = 0,
-           top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
-  """Continuations of token-id prompts, each cut after its first stop token."""
+           top_p: float = 1.0, seed: int = 0, adapters: Optional[Sequence[int]] = None
+           ) -> list[list[int]]:
+  """Continuations of token-id prompts, each cut after its first stop token; `adapters`: each
+  prompt's adapter (its index in a several-adapter model's `peft.adapters`)."""
   b, p = len(prompts), max(len(x) for x in prompts)
   top_k = min(top_k, module.cfg.vocab_size)
   tokens = np.zeros((b, p), np.int32)
@@ -77,7 +80,8 @@ def sample(module: Any, params: dict, prompts: list[list[int]], max_new_tokens: 
     raise UserError(f"{family.name} models do not generate text")
   cache = models.family.init_cache(module.cfg, b, soft + p + max_new_tokens, module.dtype)
   key = jax.random.PRNGKey(seed)
-  knobs = (jnp.float32(temperature), jnp.float32(top_p))
+  knobs = (jnp.float32(temperature), jnp.float32(top_p),
+           None if adapters is None else np.asarray(adapters, np.int32).reshape(b, 1))
   nxt, cache = _forward(module, params, tokens, positions, segment_ids, cache,
                         jax.random.fold_in(key, 0), *knobs, prefill=True, top_k=top_k)
   pos = positions[:, -1:] + 1
@@ -101,9 +105,11 @@ def sample(module: Any, params: dict, prompts: list[list[int]], max_new_tokens: 
 
 
 def greedy(module: Any, params: dict, prompts: list[list[int]], max_new_tokens: int,
-           eos_id: Optional[int] = None) -> list[list[int]]:
+           eos_id: Optional[int] = None, adapters: Optional[Sequence[int]] = None
+           ) -> list[list[int]]:
   """Greedy continuations (each stops after its EOS, which is kept)."""
-  return sample(module, params, prompts, max_new_tokens, () if eos_id is None else (eos_id,))
+  return sample(module, params, prompts, max_new_tokens, () if eos_id is None else (eos_id,),
+                adapters=adapters)
 
 
 def load_for_generation(model_dir: Optional[str], adapter: Optional[str], run: Optional[str]):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import tree
+from ftjax.peft import multi
 from ftjax.quant import QuantKernel
 
 def token_losses(logits_BxLxV: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -66,8 +67,9 @@ def logits_fn(module) -> ApplyFn:
   given (training)."""
   def apply(params, batch, rng=None):
     rngs = {"dropout": rng} if rng is not None else None
-    logits, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
-                             batch["segment_ids"], rngs=rngs)
+    with multi.rows(batch.get("adapter")):  # each row's adapter, under peft.adapters
+      logits, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
+                               batch["segment_ids"], rngs=rngs)
     return logits
   return apply
 
@@ -106,8 +108,9 @@ def chunked_loss(module, dtype: Any, trainable: set, chunk: int = 0) -> Optional
 
   def hidden_fn(params, batch, rng=None):
     rngs = {"dropout": rng} if rng is not None else None
-    h, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
-                        batch["segment_ids"], rngs=rngs, return_hidden=True)
+    with multi.rows(batch.get("adapter")):
+      h, _ = module.apply({"params": params}, batch["tokens"], batch["positions"],
+                          batch["segment_ids"], rngs=rngs, return_hidden=True)
     flat = tree.flatten(params)
     kernel = flat[path]
     if isinstance(kernel, QuantKernel):  # a frozen quantised head, dequantised whole

@@ -196,7 +196,8 @@ def _data(cfg: Config) -> Data:
   if cfg.data.format == "preference" and cfg.eval.samples:
     raise UserError("eval.samples (generation metrics against a reference completion) does not "
                     "apply to data.format preference")
-  loaded = data.load_splits(cfg.data, tokenizer)
+  tasks = list(cfg.peft.adapters or {})  # task k trains adapter k
+  loaded = data.load_splits(cfg.data, tokenizer, tasks)
   if classify:
     cfg.data.labels = list(loaded.labels)  # config.yaml records the label order
   train_examples = loaded.train.examples
@@ -215,7 +216,13 @@ def _data(cfg: Config) -> Data:
   batches = data.Batches(train_examples, cfg.train.batch_size, cfg.data.seq_len,
                          tokenizer.pad_token_id, cfg.train.seed, packing=cfg.data.packing,
                          buckets=cfg.data.buckets, process_index=jax.process_index(),
-                         process_count=jax.process_count())
+                         process_count=jax.process_count(), tasks=tasks,
+                         task_weights=cfg.data.task_weights,
+                         single_task=cfg.data.task_batches == "single")
+  if tasks:
+    logger.info("tasks (rows per epoch): " + ", ".join(
+        f"{name} {n}" for name, n in zip(tasks, batches.task_counts))
+        + f"; {cfg.data.task_batches} batches")
   if cfg.data.packing:
     logger.info(f"packing: {len(train_examples)} examples in {len(batches.rows)} rows of "
                 f"{cfg.data.seq_len} tokens, {100 * batches.efficiency:.1f}% full")

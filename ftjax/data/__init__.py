@@ -77,6 +77,7 @@ class Data:
   eval: Optional[Split]  # the (first) eval set
   labels: list[str]  # classification: label names by id (data.labels, or found in data.train)
   evals: dict = dataclasses.field(default_factory=dict)  # {name: Split}; "" for the unnamed set
+  tasks: list = dataclasses.field(default_factory=list)  # data.train's task names, by task id
 
 
 @dataclasses.dataclass
@@ -291,9 +292,51 @@ def mix_rows(parts: list[tuple[_Encoded, np.ndarray, float]], seed: int
   return out
 
 
-def load_splits(cfg: DataConfig, tokenizer: Any) -> Data:
+def _held_out(parts: list[_Encoded], fraction: float, seed: int):
+  """(eval rows, train rows) per part: a seeded `fraction` of all the parts' records held out."""
+  total = sum(len(p) for p in parts)
+  held = np.zeros(total, bool)
+  held[np.random.default_rng(seed).permutation(total)[:max(1, round(total * fraction))]] = True
+  starts = np.cumsum([0] + [len(p) for p in parts])
+  return ([(p, np.flatnonzero(held[s:s + len(p)])) for p, s in zip(parts, starts)],
+          [(p, np.flatnonzero(~held[s:s + len(p)])) for p, s in zip(parts, starts)])
+
+
+def _load_tasks(cfg: DataConfig, tokenizer: Any, tasks: list[str]) -> Data:
+  """data.train {NAME: FILES}: each task's examples carry its index in `tasks` (its adapter's);
+  eval sets are data.eval's, named by task, or each task's data.eval_fraction."""
+  train, evals, stats = [], {}, Stats()
+  for name, files in cfg.train.items():
+    what = f"data.train.{name}"
+    parts = [_encode_file(f, cfg, tokenizer) for f in sources.resolve(files, what)]
+    rows = [(p, np.arange(len(p))) for p in parts]
+    if cfg.eval_fraction:
+      held, rows = _held_out(parts, cfg.eval_fraction, cfg.split_seed)
+      evals[name] = _finish(held, cfg, [], f"data.eval_fraction of {what}", tokenizer)
+    split = _finish(rows, cfg, [], what, tokenizer)
+    logger.info(split.stats.describe(what, len(split.examples)))
+    for ex in split.examples + (evals[name].examples if name in evals else []):
+      ex.task = tasks.index(name)
+    train += split.examples
+    for f in dataclasses.fields(Stats):
+      setattr(stats, f.name, getattr(stats, f.name) + getattr(split.stats, f.name))
+  for name, files in eval_sets(cfg).items():
+    rows = [(p, np.arange(len(p))) for p in (
+        _encode_file(f, cfg, tokenizer) for f in sources.resolve(files, f"data.eval.{name}"))]
+    evals[name] = _finish(rows, cfg, [], f"data.eval.{name}", tokenizer)
+    for ex in evals[name].examples:
+      ex.task = tasks.index(name)
+  evals = {name: evals[name] for name in tasks if name in evals}  # in the tasks' order
+  return Data(Split(train, stats), next(iter(evals.values()), None), [], evals, list(tasks))
+
+
+def load_splits(cfg: DataConfig, tokenizer: Any, tasks: Optional[list[str]] = None) -> Data:
   """The train and eval examples of `cfg` (eval: data.eval's sets, a data.eval_fraction of
-  data.train, or none; train: data.train plus data.mix's sources, by weight)."""
+  data.train, or none; train: data.train plus data.mix's sources, by weight). With tasks
+  (data.train {NAME: FILES}), each example's `task` is its name's index in `tasks` (default:
+  data.train's order)."""
+  if isinstance(cfg.train, dict):
+    return _load_tasks(cfg, tokenizer, list(tasks or cfg.train))
   sources_ = [(f, 1.0, "data.train") for f in sources.resolve(cfg.train, "data.train")]
   for i, m in enumerate(cfg.mix):
     sources_ += [(f, m.weight, f"data.mix[{i}]")
@@ -308,14 +351,8 @@ def load_splits(cfg: DataConfig, tokenizer: Any) -> Data:
   eval_rows = None
   if cfg.eval_fraction:  # held out of data.train's records (not of data.mix's sources)
     primary = [p for p, (_, _, what) in zip(train_parts, sources_) if what == "data.train"]
-    total = sum(len(p) for p in primary)
-    held = np.zeros(total, bool)
-    held[np.random.default_rng(cfg.split_seed).permutation(total)[
-        :max(1, round(total * cfg.eval_fraction))]] = True
-    starts = np.cumsum([0] + [len(p) for p in primary])
-    eval_rows = [(p, np.flatnonzero(held[s:s + len(p)])) for p, s in zip(primary, starts)]
-    train_rows = [(p, np.flatnonzero(~held[s:s + len(p)])) for p, s in zip(primary, starts)] + \
-        train_rows[len(primary):]
+    eval_rows, kept = _held_out(primary, cfg.eval_fraction, cfg.split_seed)
+    train_rows = kept + train_rows[len(primary):]
   if cfg.mix:
     train_rows = mix_rows([(p, r, w) for (p, r), w in zip(train_rows, weights)], cfg.split_seed)
   train = _finish(train_rows, cfg, labels, "data.train", tokenizer)  # fails before eval is read

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import zlib
+from typing import Sequence
 
 import numpy as np
 
@@ -29,6 +31,7 @@ class Example:
   label: int = -1  # classification: the label id
   where: str = ""  # the file and record it came from
   split: int = 0  # a preference pair: tokens[:split] is chosen, tokens[split:] rejected
+  task: int = -1  # tasks (peft.adapters): the index of the example's task and adapter
 
   def sides(self) -> list["Example"]:
     """The example's sequences: itself, or a pair's chosen and rejected."""
@@ -69,7 +72,8 @@ def collate(rows: list[list[Example]], length: int, pad_id: int,
             ref: np.ndarray | None = None, nll_scale: float | None = None
             ) -> dict[str, np.ndarray]:
   """Rows of examples, right-padded to `length`: tokens, positions, segment_ids (0 = padding),
-  loss_mask, and `labels` (b, 1) (-1 for empty rows) when the examples are labelled.
+  loss_mask, `labels` (b, 1) (-1 for empty rows) when the examples are labelled, and `adapter`
+  (b, 1) (each row's task; 0 for empty rows) when they belong to tasks.
 
   A row of a preference pair becomes two rows (chosen, rejected), with `pair_nll_scale` (see
   `pair_nll_scale`; of these pairs unless `nll_scale` gives the whole batch's) and, given `ref`
@@ -95,6 +99,8 @@ def collate(rows: list[list[Example]], length: int, pad_id: int,
   labelled = any(ex.label >= 0 for row in rows for ex in row)
   if labelled:
     batch["labels"] = np.full((b, 1), -1, np.int32)
+  if any(ex.task >= 0 for row in rows for ex in row):
+    batch["adapter"] = np.array([[row[0].task if row else 0] for row in rows], np.int32)
   for i, row in enumerate(rows):
     at = 0
     for seg, ex in enumerate(row, start=1):
@@ -137,7 +143,9 @@ class Batches:
 
   def __init__(self, examples: list[Example], batch_size: int, seq_len: int, pad_id: int,
                seed: int, what: str = "data.train", *, packing: bool = False, buckets: int = 1,
-               process_index: int = 0, process_count: int = 1, ref: np.ndarray | None = None):
+               process_index: int = 0, process_count: int = 1, ref: np.ndarray | None = None,
+               tasks: Sequence[str] = (), task_weights: dict | None = None,
+               single_task: bool = False):
     self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
     self.pad_id, self.seed, self.lengths = pad_id, seed, bucket_lengths(seq_len, buckets)
     self.ref = ref  # preference: each pair's reference log-probabilities (examples, 2)
@@ -145,8 +153,18 @@ class Batches:
     if self.pairs and packing:
       raise UserError("data.packing cannot be used with preference pairs")
     sizes = np.array([ex.length for ex in examples], np.int64)
-    self.rows = pack(sizes, seq_len) if packing else [[i] for i in range(len(examples))]
+    self.tasks, self.single_task = list(tasks), single_task
+    groups = [np.arange(len(examples))]
+    if self.tasks:  # a row holds one task's examples
+      task_of = np.array([ex.task for ex in examples])
+      groups = [np.flatnonzero(task_of == k) for k in range(len(self.tasks))]
+    self.rows, self.task_rows = [], []
+    for idx in groups:
+      local = pack(sizes[idx], seq_len) if packing else [[i] for i in range(len(idx))]
+      self.task_rows.append(np.arange(len(self.rows), len(self.rows) + len(local)))
+      self.rows += [[int(idx[i]) for i in r] for r in local]
     self.row_tokens = np.array([sizes[r].sum() for r in self.rows], np.int64)
+    self.task_counts = _task_counts(self.task_rows, self.tasks, task_weights)
     if len(self.rows) < batch_size:
       rows = f"{len(self.rows)} packed rows" if packing else f"{len(examples)} examples"
       raise UserError(f"{what} has {rows}, fewer than one batch (train.batch_size={batch_size})")
@@ -154,7 +172,13 @@ class Batches:
       raise UserError(f"train.batch_size ({batch_size}) must divide by the number of processes "
                       f"({process_count})")
     self.process_index, self.process_count = process_index, process_count
-    self.steps_per_epoch = len(self.rows) // batch_size
+    self.steps_per_epoch = sum(self.task_counts) // batch_size
+    if single_task:
+      for name, n in zip(self.tasks, self.task_counts):
+        if n < batch_size:
+          raise UserError(f"{what}.{name} has {n} rows per epoch, fewer than one batch "
+                          f"(train.batch_size={batch_size}) under data.task_batches: single")
+      self.steps_per_epoch = sum(n // batch_size for n in self.task_counts)
     self._order: tuple = (None, None)
 
   @property
@@ -170,8 +194,33 @@ class Batches:
   def order(self, epoch: int) -> np.ndarray:
     """The rows of `epoch` in their shuffled order (the last epoch's is kept)."""
     if self._order[0] != epoch:
-      self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.rows)))
+      self._order = (epoch, self._epoch_rows(epoch))
     return self._order[1]
+
+  def _epoch_rows(self, epoch: int) -> np.ndarray:
+    """Without tasks, a permutation of the rows. With tasks, each task's share of rows (its
+    rows in a permutation of their own, seeded by the task's name, cycled to its count), all
+    shuffled together, or (single_task) cut into one-task batches whose task order is shuffled:
+    a task's rows come in the same order whatever other tasks the run has."""
+    mix = np.random.default_rng([self.seed, epoch])
+    if not self.tasks:
+      return mix.permutation(len(self.rows))
+    picks = []
+    for name, rows, n in zip(self.tasks, self.task_rows, self.task_counts):
+      rng = np.random.default_rng([self.seed, epoch, zlib.crc32(name.encode())])
+      cycles = [rng.permutation(rows) for _ in range(-(-n // len(rows)))]
+      picks.append(np.concatenate(cycles)[:n])
+    if not self.single_task:
+      return mix.permutation(np.concatenate(picks))
+    b = self.batch_size
+    chunks = [p[:len(p) // b * b].reshape(-1, b) for p in picks]
+    order = mix.permutation(np.repeat(np.arange(len(chunks)), [len(c) for c in chunks]))
+    taken = [0] * len(chunks)
+    out = []
+    for k in order:
+      out.append(chunks[k][taken[k]])
+      taken[k] += 1
+    return np.concatenate(out)
 
   def global_rows(self, step: int) -> np.ndarray:
     """Row indices of the global batch `step`."""
@@ -189,6 +238,20 @@ class Batches:
       ref = None if self.ref is None else self.ref[[self.rows[r][0] for r in mine]]
     return collate([[self.examples[i] for i in self.rows[r]] for r in mine], length, self.pad_id,
                    ref, scale)
+
+
+def _task_counts(task_rows: list[np.ndarray], tasks: list[str], weights: dict | None
+                 ) -> list[int]:
+  """Rows per epoch of each task: its own rows (proportional to size), or the epoch's rows
+  shared out by `weights` (relative; tasks not named weigh 1)."""
+  sizes = [len(r) for r in task_rows]
+  for name, n in zip(tasks, sizes):
+    if not n:
+      raise UserError(f"data.train.{name} has no examples")
+  if not weights:
+    return sizes
+  w = np.array([weights.get(name, 1.0) for name in tasks], np.float64)
+  return [max(1, int(round(sum(sizes) * x / w.sum()))) for x in w]
 
 
 def eval_batches(examples: list[Example], batch_size: int, seq_len: int, pad_id: int,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from ftjax import models, tree
 from ftjax.config import PeftConfig, UserError
-from ftjax.peft import adapter, ia3, lora, prefix, prompt
+from ftjax.peft import adapter, ia3, lora, multi, prefix, prompt
 from ftjax.peft.base import NONE, Context, Method
 
 # peft.method -> its Method class. A new method: its module, and one line here.
@@ -39,7 +39,8 @@ PEFT_TYPES = {cls.peft_type: name for name, cls in METHODS.items() if cls.peft_t
 def build_spec(cfg: PeftConfig, base_paths: list[str], model_cfg, family=None) -> Method:
   """The resolved method of `cfg` for a model with these parameter paths and this config."""
   family = family or models.for_model_type(model_cfg.family)
-  return METHODS[cfg.method].from_config(cfg, Context(model_cfg, family, tuple(base_paths)))
+  cls = multi.MultiLora if cfg.adapters else METHODS[cfg.method]
+  return cls.from_config(cfg, Context(model_cfg, family, tuple(base_paths)))
 
 
 def check_context(spec: Method, seq_len: int, max_positions: Optional[int], where: str) -> None:
@@ -90,4 +91,4 @@ def merge(spec: Method, params: dict) -> dict:
 
 
 __all__ = ["METHODS", "PEFT_TYPES", "NONE", "Context", "Method", "build_spec", "check_context",
-           "eject", "init", "merge", "merge_refusal"]
+           "eject", "init", "merge", "merge_refusal", "multi"]

@@ -85,7 +85,7 @@ def scale(cfg: LoraConfig) -> float:
   return cfg.alpha / math.sqrt(cfg.r) if cfg.rslora else cfg.alpha / cfg.r
 
 
-def _uniform_fan_in(key, shape, dtype=jnp.float32):
+def uniform_fan_in(key, shape, dtype=jnp.float32):
   """PyTorch's nn.Linear default (kaiming-uniform, a=√5): U(±1/√fan_in), as PEFT inits A."""
   bound = 1.0 / math.sqrt(shape[0])
   return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -99,7 +99,7 @@ def apply(dense: nn.Module, x_NxI: jax.Array, kernel_IxO: jax.Array, y_NxO: jax.
   Dropout on the branch input runs when the caller passes a 'dropout' rng (training).
   """
   in_f, out_f = kernel_IxO.shape
-  a = dense.param("lora_a", nn.with_logical_partitioning(_uniform_fan_in, (dense.axes[0], None)),
+  a = dense.param("lora_a", nn.with_logical_partitioning(uniform_fan_in, (dense.axes[0], None)),
                   (in_f, spec.r), dense.param_dtype)
   b = dense.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
                                                          (None, dense.axes[1])),
@@ -115,7 +115,7 @@ def apply(dense: nn.Module, x_NxI: jax.Array, kernel_IxO: jax.Array, y_NxO: jax.
   magnitude = dense.param("lora_magnitude",
                           nn.with_logical_partitioning(nn.initializers.ones, dense.axes[1:]),
                           (out_f,), dense.param_dtype)
-  norm = jax.lax.stop_gradient(_column_norm(kernel_IxO, a, b, spec.scale))
+  norm = jax.lax.stop_gradient(column_norm(kernel_IxO, a, b, spec.scale))
   ratio = (magnitude / norm).astype(dense.dtype)
   if x is x_NxI:
     return (y_NxO + delta) * ratio
@@ -123,7 +123,7 @@ def apply(dense: nn.Module, x_NxI: jax.Array, kernel_IxO: jax.Array, y_NxO: jax.
   return y_NxO + (ratio - 1) * layers.matmul(x, kernel_IxO, dense.dtype) + ratio * delta
 
 
-def _column_norm(kernel, a, b, s):
+def column_norm(kernel, a, b, s):
   w = layers.dequantized(kernel) + s * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
   return jnp.sqrt(jnp.sum(w * w, axis=0))
 
@@ -133,7 +133,7 @@ def finish(spec, flat: dict) -> dict:
   out = dict(flat)
   for m in spec.modules:
     if spec.dora:
-      out[f"{m}/lora_magnitude"] = _column_norm(flat[f"{m}/kernel"], flat[f"{m}/lora_a"],
+      out[f"{m}/lora_magnitude"] = column_norm(flat[f"{m}/kernel"], flat[f"{m}/lora_a"],
                                                 flat[f"{m}/lora_b"], spec.scale)
   return out
 
@@ -146,7 +146,7 @@ def merge(spec, flat: dict) -> dict:
     a, b = (jnp.asarray(flat[f"{m}/{n}"], jnp.float32) for n in ("lora_a", "lora_b"))
     merged = w + spec.scale * a @ b
     if spec.dora:
-      merged = merged * (flat[f"{m}/lora_magnitude"] / _column_norm(w, a, b, spec.scale))
+      merged = merged * (flat[f"{m}/lora_magnitude"] / column_norm(w, a, b, spec.scale))
     out[f"{m}/kernel"] = merged  # fp32, even over a bf16 base: the delta is not rounded away
   return out
 
