@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import hf, peft, quant, rules as prules, sharding, tree, vocab as vocab_lib
-from ftjax.config import Config, PartitionRule, PeftConfig, UserError
+from ftjax.config import Config, NamedLoraConfig, PartitionRule, PeftConfig, UserError
 from ftjax.models import Family, common
 from ftjax.peft import hf_adapter, tokens
 from ftjax.peft.base import Context, Method
@@ -386,6 +386,51 @@ def plan_from_config(cfg: Config) -> Plan:
   if cfg.data.format == "classification" and not args["num_labels"]:
     args["num_labels"] = 2
   return plan(cfg.model.path, cfg.peft, **args)
+
+
+def load_adapters(model_dir: str, adapter_dirs: dict[str, str], compute: str = "auto",
+                  tokenizer: Any = None) -> Model:
+  """The base model of `model_dir` with several HF PEFT LoRA / DoRA adapters, by name
+  ({NAME: DIR}), each row of a batch applying its own (`batch["adapter"]`; ftjax.peft.multi)."""
+  pl = plan(model_dir, compute=compute)
+  ctx = Context(pl.config, pl.family, tuple(pl.base_paths))
+  named, leaves = {}, {}
+  for name, adapter_dir in adapter_dirs.items():
+    peft.multi.check_name(name, f"--adapter {name}={adapter_dir}")
+    method, fields, found, trained = hf_adapter.load(adapter_dir, ctx)
+    if method != "lora" or trained:
+      what = f"a {method} adapter" if method != "lora" else "trained base modules"
+      raise UserError(f"--adapter {name}={adapter_dir}: several adapters in one batch are LoRA / "
+                      f"DoRA only, without modules_to_save; this one has {what}")
+    named[name] = NamedLoraConfig(**fields)
+    leaves.update(peft.multi.place(name, found))
+  model = load_model(model_dir, PeftConfig(method="lora", adapters=named), compute=compute,
+                     tokenizer=tokenizer)
+  flat = tree.flatten(model.params)
+  for path, value in leaves.items():
+    flat[path] = jnp.asarray(value, flat[path].dtype)
+  model.params = tree.unflatten(flat)
+  return model
+
+
+def single_adapter(model: Model, params: dict, name: str) -> Model:
+  """Adapter `name` of a several-adapter model (`peft.adapters`) as a plain LoRA model over the
+  same base: its parameters (`params` merged over the model's) at the usual LoRA paths, the
+  other adapters left out. What export and generation need of one adapter."""
+  spec = model.spec
+  if not isinstance(spec, peft.multi.MultiLora):
+    raise UserError(f"--adapter {name}: this model has one PEFT method ({spec.method}), not "
+                    "named adapters")
+  full = tree.merge(model.params, params) if params is not model.params else params
+  one, flat = spec.single(name, tree.flatten(full))
+  trainable = set(spec.single(name, {p: None for p in model.trainable})[1])
+  lora_cfg = model.peft_config.adapters[name]
+  cfg = dataclasses.replace(model.peft_config, method="lora", adapters=None,
+                            lora=dataclasses.replace(model.peft_config.lora, **{
+                                f.name: getattr(lora_cfg, f.name)
+                                for f in dataclasses.fields(model.peft_config.lora)}))
+  return dataclasses.replace(model, module=model.module.clone(peft=one),
+                             params=tree.unflatten(flat), trainable=trainable, peft_config=cfg)
 
 
 def save_adapter(model: Model, params: dict, out_dir: str, task_type: str = "CAUSAL_LM") -> str:

@@ -1,5 +1,8 @@
 """`python -m ftjax.export --run RUN_DIR --to peft|hf --out DIR`: a run's weights for HF.
 
+A run with several adapters (`peft.adapters`) exports one with `--adapter NAME` (`--to peft`
+without it writes each to `--out/NAME`).
+
 `--to peft` writes an HF PEFT adapter (LoRA / DoRA, prompt tuning, prefix tuning with the MLP
 ejected to flat prefixes; trained base modules as `modules_to_save`). `--to hf` writes a full
 model directory that `transformers` loads: full or partial fine-tuning as trained, LoRA merged
@@ -55,9 +58,11 @@ def load_run(run_dir: str, step: Optional[int | str] = None, model_path: Optiona
 
 
 def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None,
-           model_path: Optional[str] = None, dtype: str = "auto") -> str:
+           model_path: Optional[str] = None, dtype: str = "auto",
+           adapter: Optional[str] = None) -> str:
   """Exports checkpoint `step` (default: the newest; "best": the best under early stopping) of
-  a run; returns `out_dir`."""
+  a run; returns `out_dir`. A run with several adapters (`peft.adapters`) exports adapter
+  `adapter`, or with `to` peft and no `adapter`, each one to `out_dir/<NAME>`."""
   config_file = os.path.join(run_dir, "config.yaml")
   if not os.path.isfile(config_file):
     raise UserError(f"--run: {run_dir} is not an ftjax run directory (no config.yaml)")
@@ -71,10 +76,31 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None
     raise UserError(f"cannot export peft.method {cfg.peft.method} --to peft: {why}")
   if to == "hf" and peft.merge_refusal(cfg.peft.method):
     raise UserError(f"cannot export --to hf: {peft.merge_refusal(cfg.peft.method)}")
+  names = list(cfg.peft.adapters or {})
+  if adapter is not None and adapter not in names:
+    have = f"its adapters are {', '.join(names)}" if names else "it has no named adapters"
+    raise UserError(f"--adapter {adapter}: {run_dir} has no adapter of that name ({have})")
+  if names and adapter is None and to == "hf":
+    raise UserError(f"--to hf merges one adapter: name it with --adapter (one of "
+                    f"{', '.join(names)})")
   cfg, model, params, _ = load_run(run_dir, step, model_path)
   model.path = os.path.abspath(cfg.model.path)
-  classify = cfg.data.format == "classification"
   tokenizer = vocab.run_tokenizer(run_dir, cfg.model.path)
+  if names:
+    for name in [adapter] if adapter else names:
+      one = assembly.single_adapter(model, params, name)
+      where = out_dir if adapter else os.path.join(out_dir, name)
+      _write(cfg, one, one.params, to, where, dtype, run_dir, tokenizer)
+      logger.info(f"adapter {name} -> {where}")
+    return out_dir
+  _write(cfg, model, params, to, out_dir, dtype, run_dir, tokenizer)
+  return out_dir
+
+
+def _write(cfg: config.Config, model: assembly.Model, params: dict, to: str, out_dir: str,
+           dtype: str, run_dir: str, tokenizer) -> None:
+  """One model's (or adapter's) export."""
+  classify = cfg.data.format == "classification"
   if to == "peft":
     assembly.save_adapter(model, params, out_dir, "SEQ_CLS" if classify else "CAUSAL_LM")
     tokenizer.save_pretrained(out_dir)
@@ -87,7 +113,6 @@ def export(run_dir: str, to: str, out_dir: str, step: Optional[int | str] = None
     assembly.save_merged(model, params, out_dir, dtype, updates)
     if os.path.isdir(os.path.join(run_dir, vocab.TOKENIZER_DIR)):
       tokenizer.save_pretrained(out_dir)  # the extended tokenizer over the base's copies
-  return out_dir
 
 
 def step_arg(text: str) -> int | str:
@@ -111,10 +136,12 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--model", help="base model directory, if it moved since training")
   parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                       help="--to hf weight dtype (auto: the base model's)")
+  parser.add_argument("--adapter", help="a run with several adapters (peft.adapters): the one "
+                      "to export (--to peft without it: each to --out/NAME)")
   args = parser.parse_args(argv)
   metrics.console()
   try:
-    out = export(args.run, args.to, args.out, args.step, args.model, args.dtype)
+    out = export(args.run, args.to, args.out, args.step, args.model, args.dtype, args.adapter)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -8,6 +8,13 @@ reaches `top_p`, and draws with a key folded from the seed and the step. It work
 LoRA, adapters, prefix tuning and prompt tuning (soft tokens are prepended in the prefill only).
 
     python -m ftjax.generate --model DIR [--adapter DIR | --run RUN_DIR] --prompt TEXT ...
+
+Several LoRA adapters decode in one batch, each row with its own (ftjax.peft.multi):
+
+    python -m ftjax.generate --model DIR --adapter math=DIR1 --adapter code=DIR2 \
+        --prompt "math:2+2=" --prompt "code:def f():"
+
+and `--run` of a run with `peft.adapters` takes NAME:TEXT prompts likewise.
 """
 
 from __future__ import annotations
@@ -112,9 +119,13 @@ def greedy(module: Any, params: dict, prompts: list[list[int]], max_new_tokens: 
                 adapters=adapters)
 
 
-def load_for_generation(model_dir: Optional[str], adapter: Optional[str], run: Optional[str]):
-  """(module, params, tokenizer, model dir) of a base model, a base model + PEFT adapter, or a
-  run."""
+def load_for_generation(model_dir: Optional[str], adapter: Optional[str | list[str]],
+                        run: Optional[str]):
+  """(module, params, tokenizer, model dir) of a base model, a base model + PEFT adapter (or
+  several, as NAME=DIR words), or a run."""
+  adapters = [adapter] if isinstance(adapter, str) else list(adapter or [])
+  named = named_adapters(adapters)
+  adapter = None if named else (adapters[0] if adapters else None)
   if model_dir and not run and not getattr(hf.build(model_dir)[0], "causal_lm", True):
     raise UserError(f"{model_dir} is an encoder: it does not generate text")
   if run:
@@ -125,6 +136,10 @@ def load_for_generation(model_dir: Optional[str], adapter: Optional[str], run: O
     return model.module, params, vocab.run_tokenizer(run, cfg.model.path), cfg.model.path
   if not model_dir:
     raise UserError("pass --model DIR (with --adapter DIR) or --run RUN_DIR")
+  if named:
+    tokenizer = hf.load_tokenizer(model_dir)
+    model = assembly.load_adapters(model_dir, named, compute="fp32", tokenizer=tokenizer)
+    return model.module, model.params, tokenizer, model_dir
   peft_cfg = PeftConfig()
   if adapter:
     method = hf_adapter.method_of(*hf_adapter.read_config(adapter, "--adapter"))
@@ -132,6 +147,35 @@ def load_for_generation(model_dir: Optional[str], adapter: Optional[str], run: O
   tokenizer = hf.load_tokenizer(model_dir)
   model = assembly.load_model(model_dir, peft_cfg, compute="fp32", tokenizer=tokenizer)
   return model.module, model.params, tokenizer, model_dir
+
+
+def named_adapters(words: list[str]) -> dict[str, str]:
+  """--adapter words as {NAME: DIR} when they are NAME=DIR (several adapters, one per row), or
+  {} for a single adapter directory."""
+  if len(words) <= 1 and not any("=" in w and not os.path.isdir(w) for w in words):
+    return {}
+  named = {}
+  for word in words:
+    name, sep, path = word.partition("=")
+    if not sep or not name or not path:
+      raise UserError(f"--adapter {word}: with several adapters, each is NAME=DIR")
+    if name in named:
+      raise UserError(f"--adapter {word}: the name {name} is given twice")
+    named[name] = path
+  return named
+
+
+def route_prompts(prompts: list[str], names: Sequence[str]) -> tuple[list[str], list[int]]:
+  """NAME:TEXT prompts of a several-adapter model: (the texts, each one's adapter index)."""
+  texts, ids = [], []
+  for prompt in prompts:
+    name, sep, text = prompt.partition(":")
+    if not sep or name not in names:
+      raise UserError(f"--prompt {prompt!r}: with several adapters, each prompt is NAME:TEXT "
+                      f"with NAME one of {', '.join(names)}")
+    texts.append(text)
+    ids.append(list(names).index(name))
+  return texts, ids
 
 
 def stop_ids(model_dir: str, tokenizer: Any) -> list[int]:
@@ -149,10 +193,12 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m ftjax.generate",
                                    description="Generate text with a model, adapter or run.")
   parser.add_argument("--model", help="an HF model directory (the base, with --adapter)")
-  parser.add_argument("--adapter", help="an HF PEFT adapter directory for --model")
+  parser.add_argument("--adapter", action="append",
+                      help="an HF PEFT adapter directory for --model; or NAME=DIR, repeated, "
+                      "for several adapters in one batch (then each --prompt is NAME:TEXT)")
   parser.add_argument("--run", help="an ftjax run directory (its newest checkpoint)")
   parser.add_argument("--prompt", action="append", required=True,
-                      help="a prompt (repeat for a batch)")
+                      help="a prompt (repeat for a batch); NAME:TEXT with several adapters")
   parser.add_argument("--max-new-tokens", type=int, default=64)
   parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
@@ -171,15 +217,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the generated text only
       module, params, tokenizer, model_dir = load_for_generation(args.model, args.adapter,
                                                                  args.run)
+    texts, ids = args.prompt, None
+    if isinstance(module.peft, multi.MultiLora):
+      texts, ids = route_prompts(args.prompt, module.peft.names)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   chat = bool(getattr(tokenizer, "chat_template", None)) and not args.raw
   prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
                                            add_generation_prompt=True, return_dict=False)
-             if chat else tokenizer(p)["input_ids"] for p in args.prompt]
+             if chat else tokenizer(p)["input_ids"] for p in texts]
   outputs = sample(module, params, prompts, args.max_new_tokens, stop_ids(model_dir, tokenizer),
-                   args.temperature, args.top_k, args.top_p, args.seed)
+                   args.temperature, args.top_k, args.top_p, args.seed, ids)
   for prompt, out in zip(args.prompt, outputs):
     if len(args.prompt) > 1:
       print(f"### {prompt}")

@@ -225,3 +225,84 @@ def test_task_weights_share_out_an_epoch(task_files, tiny_llama_dir):
 def test_task_config_errors(words, message):
   with pytest.raises(UserError, match=message):
     config.load(None, ["model.path=m"] + words)
+
+
+# --- export and generation -------------------------------------------------------------------
+
+def test_generation_with_two_adapters_in_one_batch_equals_each_alone(family_dir):
+  from ftjax import generate  # pylint: disable=import-outside-toplevel
+
+  family, path = family_dir
+  model = _model(path, family)
+  prompts = [[1, 40, 41, 42], [1, 50, 51], [1, 60, 61, 62, 63], [1, 70]]
+  ids = [0, 1, 1, 0]
+  mixed = generate.sample(model.module, model.params, prompts, 8, adapters=ids)
+  outs = {}
+  for k, name in enumerate(model.spec.names[:2]):
+    module, params = _alone(model, name)
+    outs[name] = generate.sample(module, params, prompts, 8)
+    for i in np.flatnonzero(np.array(ids) == k):
+      assert mixed[i] == outs[name][i], (name, i)
+  assert outs["math"] != outs["code"]  # the adapters do generate differently
+
+
+@pytest.mark.slow
+def test_export_each_adapter_and_generate_from_peft_dirs(tiny_llama_dir, tmp_path, capsys):
+  """`--to peft` of a run writes one PEFT adapter per name; HF PEFT over the base gives that
+  adapter's logits; `generate --adapter NAME=DIR --prompt NAME:TEXT` decodes both in one batch
+  exactly as each adapter alone, and `--run` takes NAME: prompts likewise."""
+  import peft as hf_peft  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  from ftjax import export, generate, train  # pylint: disable=import-outside-toplevel
+
+  files = {"rev": tiny.write_jsonl(str(tmp_path / "rev.jsonl"), tiny.reverse_records(24)),
+           "copy": tiny.write_jsonl(str(tmp_path / "copy.jsonl"), _copy_records(24))}
+  run = str(tmp_path / "run")
+  train.run(_task_cfg(tiny_llama_dir, files, run, ("rev", "copy"), "train.steps=4",
+                      "optim.lr=5e-2"))
+  assert export.main(["--run", run, "--to", "peft", "--out", str(tmp_path / "peft")]) == 0
+  assert export.main(["--run", run, "--to", "hf", "--adapter", "copy",
+                      "--out", str(tmp_path / "hf_copy")]) == 0
+  assert export.main(["--run", run, "--to", "hf", "--out", str(tmp_path / "x")]) == 2
+  assert "name it with --adapter" in capsys.readouterr().err
+
+  _, model, params, _ = export.load_run(run)
+  batch = _batch(4)
+  ours = np.asarray(model.apply(params, {**batch, "adapter": np.array([[0], [1], [1], [0]])}))
+  real = batch["segment_ids"].astype(bool)
+  for k, name in enumerate(("rev", "copy")):
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    hf_model = hf_peft.PeftModel.from_pretrained(base, str(tmp_path / "peft" / name)).eval()
+    with torch.no_grad():
+      theirs = hf_model(input_ids=torch.tensor(batch["tokens"], dtype=torch.long),
+                        attention_mask=torch.tensor(batch["segment_ids"])).logits.numpy()
+    rows = np.array([0, 1, 1, 0]) == k
+    np.testing.assert_allclose(ours[rows][real[rows]], theirs[rows][real[rows]], atol=1e-4)
+  merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_copy"))
+  with torch.no_grad():
+    theirs = merged(input_ids=torch.tensor(batch["tokens"], dtype=torch.long),
+                    attention_mask=torch.tensor(batch["segment_ids"])).logits.numpy()
+  np.testing.assert_allclose(ours[1][real[1]], theirs[1][real[1]], atol=1e-4)
+
+  prompts = ["reverse these words: fox dog bird ->", "copy: fox dog bird ->"]
+  capsys.readouterr()
+  assert generate.main(["--model", tiny_llama_dir, "--max-new-tokens", "6",
+                        "--adapter", f"rev={tmp_path / 'peft' / 'rev'}",
+                        "--adapter", f"copy={tmp_path / 'peft' / 'copy'}",
+                        "--prompt", f"rev:{prompts[0]}", "--prompt", f"copy:{prompts[1]}"]) == 0
+  together = capsys.readouterr().out
+  assert generate.main(["--run", run, "--max-new-tokens", "6", "--prompt", f"rev:{prompts[0]}",
+                        "--prompt", f"copy:{prompts[1]}"]) == 0
+  from_run = capsys.readouterr().out
+  alone = []
+  for name, prompt in zip(("rev", "copy"), prompts):
+    assert generate.main(["--model", tiny_llama_dir, "--max-new-tokens", "6", "--adapter",
+                          str(tmp_path / "peft" / name), "--prompt", prompt]) == 0
+    alone.append(capsys.readouterr().out.strip())
+  texts = [block.split("\n", 1)[1].strip() for block in together.split("### ")[1:]]
+  assert texts == alone
+  assert from_run == together
+  assert generate.main(["--run", run, "--prompt", "nobody:hi"]) == 2
+  assert "NAME:TEXT" in capsys.readouterr().err
