@@ -408,7 +408,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   parser.add_argument("--model", required=True, help="the base model directory")
   parser.add_argument("--adapter", required=True, action="append",
                       help="an HF PEFT LoRA adapter directory (repeat for each)")
-  parser.add_argument("--weights", help="w1,w2,... one per adapter (default: all 1)")
+  parser.add_argument("--weights", help="w1,w2,... one per adapter (default: all 1; with a "
+                      "negative first one write --weights=-1,1)")
   parser.add_argument("--method", required=True, choices=METHODS)
   parser.add_argument("--density", type=float, help="ties, dare_*: the fraction kept, in (0, 1]")
   parser.add_argument("--rank", type=int, help="svd (and ties/dare_* --to peft): the SVD rank "
