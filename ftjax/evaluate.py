@@ -3,6 +3,9 @@
     python -m ftjax.evaluate (--model DIR [--adapter DIR] | --run RUN_DIR [--step N|best])
                              --data FILE [--format F] [--samples N] [--json]
 
+A run with several adapters (`peft.adapters`) is evaluated one adapter at a time: `--run RUN
+--adapter NAME` (it reproduces the run's `eval_<NAME>_loss` on that task's eval file).
+
 The data goes through the training pipeline (`data.load`, the same formats, loss masks and
 truncation) and the same eval step, so `--run` on the run's eval file reproduces its logged
 `eval_loss`. It reports the per-token loss, perplexity and next-token accuracy over the trained
@@ -82,8 +85,9 @@ def _check(req: Request) -> None:
   """Flag combinations and ranges, before anything is read."""
   if bool(req.model) == bool(req.run):
     raise UserError("pass --model DIR (with --adapter DIR) or --run RUN_DIR, exactly one of them")
-  if req.adapter and req.run:
-    raise UserError("--adapter goes with --model; a run's checkpoint holds its own PEFT weights")
+  if req.adapter and req.run and os.path.isdir(req.adapter):
+    raise UserError("--adapter DIR goes with --model; a run's checkpoint holds its own PEFT "
+                    "weights (with --run, --adapter NAME picks one of a run's peft.adapters)")
   if req.step is not None and not req.run:
     raise UserError("--step chooses a checkpoint of --run")
   if req.labels and req.run:
@@ -140,6 +144,12 @@ def load(req: Request) -> Target:
   if req.run:
     cfg, model, params, at = export.load_run(req.run, req.step)
     logger.info(f"{req.run}: checkpoint of step {at} ({cfg.peft.method})")
+    if cfg.peft.adapters or req.adapter:  # one of several adapters, as a plain LoRA model
+      if not req.adapter:
+        raise UserError(f"{req.run} trained adapters {', '.join(cfg.peft.adapters)}: choose one "
+                        "with --adapter NAME")
+      model = assembly.single_adapter(model, params, req.adapter)
+      params = model.params
     classifier = bool(model.module.num_labels)
     if req.format and (req.format == "classification") != classifier:
       kind = "a classifier" if classifier else "a causal LM"
@@ -238,7 +248,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    description="Held-out loss, perplexity, accuracy and generation metrics of a "
                    "model, a model + PEFT adapter, or a run.")
   parser.add_argument("--model", help="an HF model directory")
-  parser.add_argument("--adapter", help="an HF PEFT adapter directory for --model")
+  parser.add_argument("--adapter", help="an HF PEFT adapter directory for --model; with --run "
+                      "of a run with several adapters (peft.adapters), the NAME of one")
   parser.add_argument("--run", help="an ftjax run directory (train.output_dir)")
   parser.add_argument("--step", type=export.step_arg,
                       help="--run's checkpoint step, or 'best' (default: the newest)")

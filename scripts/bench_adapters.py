@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (scripts/bench.py: presets, timing, environment)
 
-STEP_SETTINGS = [("lora", "mask", 1), ("adapters", "mask", 1), ("adapters", "mask", 4),
+STEP_SETTINGS = [("lora", "mask", 1), ("adapters", "auto", 1), ("adapters", "mask", 4),
                  ("adapters", "gather", 4)]
 
 
@@ -41,6 +41,8 @@ def parse(argv=None):
   p.add_argument("--steps", type=int, default=6)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--rank", type=int, default=16)
+  p.add_argument("--rounds", type=int, default=2, help="step part: alternating rounds")
+  p.add_argument("--settings", default="", help="step part: kind:routing:n,... (default: all)")
   p.add_argument("--json", default="")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)
   p.add_argument("--setting", default="", help=argparse.SUPPRESS)
@@ -133,18 +135,43 @@ def step_worker(args) -> dict:
   jitted = jax.jit(functools.partial(step.train_step, loss_fn=loss.chunked_cross_entropy(chunked),
                                      tx=tx), donate_argnums=(0,))
   holder = {"state": state}
+  rss_built = bench.peak_rss_mib()
+  compiled = jitted.lower(state, frozen, batches[0]).compile()
+  rss_compiled = bench.peak_rss_mib()
+  mem = compiled.memory_analysis()
+  temp_mib = mem.temp_size_in_bytes / 2**20 if mem is not None else None
 
   def one(i):
-    holder["state"], metrics = jitted(holder["state"], frozen, batches[i % len(batches)])
+    holder["state"], metrics = compiled(holder["state"], frozen, batches[i % len(batches)])
     return float(metrics["loss"])
 
   result = bench.timed_steps(one, args)
-  return {**result, "kind": kind, "routing": routing, "adapters": n,
+  with open("/proc/self/status") as f:  # resident now, after the steps (not the peak)
+    rss_now = next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmRSS:"))
+  return {**result, "kind": kind, "routing": routing, "adapters": n, "xla_temp_mib": temp_mib,
+          "peak_rss_after_load_mib": rss_built, "peak_rss_after_compile_mib": rss_compiled,
+          "rss_after_steps_mib": rss_now,
           "tokens_per_s": args.batch * args.seq / result["median_step_s"],
           "frozen_mib": sharding.device_bytes(frozen) / 2**20,
           "trained_mib": sharding.device_bytes(holder["state"].params) / 2**20,
           "opt_state_mib": sharding.device_bytes(holder["state"].opt_state) / 2**20,
           "params_trainable": tree.count(holder["state"].params)}
+
+
+def summarise(runs: list, settings: list) -> list:
+  """Per setting, the median over rounds of tokens/s and peak RSS."""
+  rows = []
+  for kind, routing, n in settings:
+    rs = [r for r in runs if (r["kind"], r["routing"], r["adapters"]) == (kind, routing, n)]
+    rows.append({"kind": kind, "routing": routing, "adapters": n,
+                 "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                 "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
+                 "rss_after_steps_mib": statistics.median(r["rss_after_steps_mib"] for r in rs),
+                 "peak_rss_after_compile_mib": statistics.median(
+                     r["peak_rss_after_compile_mib"] for r in rs),
+                 "xla_temp_mib": rs[0]["xla_temp_mib"], "frozen_mib": rs[0]["frozen_mib"],
+                 "trained_mib": rs[0]["trained_mib"], "opt_state_mib": rs[0]["opt_state_mib"]})
+  return rows
 
 
 def make_model(args, path: str) -> None:
@@ -162,7 +189,8 @@ def run_worker(kind: str, setting: str, args) -> dict:
   with tempfile.NamedTemporaryFile(suffix=".json") as out:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--setting", setting,
            "--model-dir", args.model_dir, "--out", out.name, "--reps", str(args.reps),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank),
+           "--rounds", str(args.rounds), "--settings", args.settings]
     if subprocess.run(cmd, stdout=sys.stderr, check=False).returncode:
       raise SystemExit(f"worker failed: {' '.join(cmd)}")
     with open(out.name) as f:
@@ -191,14 +219,21 @@ def main() -> int:
   if "step" in parts:
     args.model_dir = tempfile.mkdtemp(prefix="ftjax-bench-adapters-")
     make_model(args, args.model_dir)
-    print("step (cpu preset, batch 8 x 256): setting, tok/s, peak RSS MiB, frozen / trained / "
-          "optimizer MiB")
-    for kind, routing, n in STEP_SETTINGS:
-      rec = run_worker("step", f"{kind}:{routing}:{n}", args)
-      out["step"].append(rec)
-      print(f"  {kind:8s} {routing:6s} {n}  {rec['tokens_per_s']:7.1f}  "
-            f"{rec['peak_rss_mib']:7.0f}  {rec['frozen_mib']:.1f} / {rec['trained_mib']:.1f} / "
-            f"{rec['opt_state_mib']:.1f}", flush=True)
+    print("step (cpu preset, batch 8 x 256): setting, round, tok/s, peak RSS MiB, XLA temp MiB, "
+          "frozen / trained / optimizer MiB")
+    settings = [tuple(x.split(":")[:2]) + (int(x.split(":")[2]),)
+                for x in args.settings.split(",")] if args.settings else STEP_SETTINGS
+    for rnd in range(args.rounds):
+      for kind, routing, n in settings[::1 if rnd % 2 == 0 else -1]:
+        rec = {**run_worker("step", f"{kind}:{routing}:{n}", args), "round": rnd}
+        out["step"].append(rec)
+        print(f"  {kind:8s} {routing:6s} {n}  {rnd}  {rec['tokens_per_s']:7.1f}  "
+              f"{rec['peak_rss_mib']:7.0f}  {rec['xla_temp_mib']:6.0f}  {rec['frozen_mib']:.1f} / "
+              f"{rec['trained_mib']:.1f} / {rec['opt_state_mib']:.1f}", flush=True)
+    out["step_summary"] = summarise(out["step"], settings)
+    for row in out["step_summary"]:
+      print("  median: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in row.items()))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)

@@ -205,6 +205,13 @@ def test_task_weights_share_out_an_epoch(task_files, tiny_llama_dir):
   again = data.Batches(loaded.train.examples, 4, 64, 0, 0, tasks=loaded.tasks,
                        task_weights=cfg.data.task_weights)
   assert all((again.global_rows(s) == b.global_rows(s)).all() for s in (0, 5, 30))
+  packed = data.Batches(loaded.train.examples, 4, 64, 0, 0, tasks=loaded.tasks, packing=True)
+  assert len(packed.rows) < len(loaded.train.examples)
+  for row in packed.rows:  # a packed row holds one task's examples
+    assert len({loaded.train.examples[i].task for i in row}) == 1
+  batch = packed.get(0)
+  first = [loaded.train.examples[packed.rows[r][0]].task for r in packed.global_rows(0)]
+  assert batch["adapter"][:, 0].tolist() == first
 
 
 @pytest.mark.parametrize("words, message", [
@@ -257,11 +264,18 @@ def test_export_each_adapter_and_generate_from_peft_dirs(tiny_llama_dir, tmp_pat
 
   from ftjax import export, generate, train  # pylint: disable=import-outside-toplevel
 
+  from ftjax import evaluate  # pylint: disable=import-outside-toplevel
+
   files = {"rev": tiny.write_jsonl(str(tmp_path / "rev.jsonl"), tiny.reverse_records(24)),
            "copy": tiny.write_jsonl(str(tmp_path / "copy.jsonl"), _copy_records(24))}
+  held = tiny.write_jsonl(str(tmp_path / "copy_eval.jsonl"), _copy_records(8, seed=5))
   run = str(tmp_path / "run")
-  train.run(_task_cfg(tiny_llama_dir, files, run, ("rev", "copy"), "train.steps=4",
-                      "optim.lr=5e-2"))
+  result = train.run(_task_cfg(tiny_llama_dir, files, run, ("rev", "copy"), "train.steps=4",
+                               "optim.lr=5e-2", f"data.eval.copy={held}"))
+  alone = evaluate.run(evaluate.Request(data=[held], run=run, adapter="copy"))
+  np.testing.assert_allclose(alone["loss"], result.after["eval_copy_loss"], rtol=1e-5)
+  with pytest.raises(UserError, match="choose one with --adapter NAME"):
+    evaluate.run(evaluate.Request(data=[held], run=run))
   assert export.main(["--run", run, "--to", "peft", "--out", str(tmp_path / "peft")]) == 0
   assert export.main(["--run", run, "--to", "hf", "--adapter", "copy",
                       "--out", str(tmp_path / "hf_copy")]) == 0
@@ -306,3 +320,16 @@ def test_export_each_adapter_and_generate_from_peft_dirs(tiny_llama_dir, tmp_pat
   assert from_run == together
   assert generate.main(["--run", run, "--prompt", "nobody:hi"]) == 2
   assert "NAME:TEXT" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tasks_on_a_mesh_equal_one_device(tiny_llama_dir, task_files, tmp_path):
+  """Adapters shard with their layers (rank whole); routed rows split over data x fsdp."""
+  from ftjax import train  # pylint: disable=import-outside-toplevel
+
+  words = ["train.steps=3", "peft.adapters.copy.dora=true"]
+  one = train.run(_task_cfg(tiny_llama_dir, task_files, str(tmp_path / "one"), ("rev", "copy"),
+                            *words)).losses
+  mesh = train.run(_task_cfg(tiny_llama_dir, task_files, str(tmp_path / "mesh"), ("rev", "copy"),
+                             *words, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")).losses
+  np.testing.assert_allclose([mesh[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], rtol=1e-5)

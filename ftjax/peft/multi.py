@@ -15,7 +15,8 @@ to every family's modules: the dense layers deep inside need the ids, and no fam
 that they exist. It must be set inside the traced function, from its arguments, so that a
 jitted program never bakes a batch's ids in as constants.
 
-Two ways to compute the rows' branches (`routing`; `scripts/bench_adapters.py` measures both):
+Two ways to compute the rows' branches (`routing`; `scripts/bench_adapters.py` measures both;
+"auto", the default, gathers where a layer has several adapters):
 - "mask": one matmul through all adapters' A side by side (in, Σr), zero the columns that are
   not the row's own (times each adapter's scale), one matmul through the stacked B (Σr, out).
   Exact, shape-static, and the whole cost is n× a LoRA branch of rank r (small beside the base
@@ -23,7 +24,9 @@ Two ways to compute the rows' branches (`routing`; `scripts/bench_adapters.py` m
 - "gather": each row's own A and B picked from stacks (rows, in, r) and applied with a batched
   matmul; the work is one branch per row, the gathered copies cost rows × (in + out) × r.
 A row whose id names no adapter of a layer gets no branch there (an adapter without that
-target, or id -1: the base model).
+target, or id -1: the base model). Measured on 2 CPU cores (benchmark model, batch 8 x 256, four
+adapters r16 on every projection): gather 711 tokens/s, mask 639, one plain LoRA 708 — mask does
+n times the branch work, gather one branch per row at the price of small gathered copies.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ class MultiLora(Method):
   """Named LoRA / DoRA adapters (`adapters`: ((name, Lora), ...)); see the module docstring."""
 
   adapters: tuple = ()
-  routing: str = "mask"  # mask | gather
+  routing: str = "auto"  # auto (gather where a layer has several adapters) | mask | gather
 
   method: ClassVar[str] = "lora"
   peft_type: ClassVar[str] = "LORA"
@@ -127,7 +130,8 @@ class MultiLora(Method):
     ids_N = _token_ids(module, x_NxI.shape[0])
     x_in = x_NxI.astype(module.dtype)
     x = _dropout(module, x_in, ids_N, here)
-    route = _gather if self.routing == "gather" else _mask
+    gather = self.routing == "gather" or (self.routing == "auto" and len(here) > 1)
+    route = _gather if gather else _mask
     delta = route(x, ids_N, here, params, module.dtype)
     if any(s.dora for _, _, s in here):
       ratio = _dora_ratio(module, kernel_IxO, ids_N, here, params)
