@@ -205,7 +205,7 @@ def test_task_weights_share_out_an_epoch(task_files, tiny_llama_dir):
   again = data.Batches(loaded.train.examples, 4, 64, 0, 0, tasks=loaded.tasks,
                        task_weights=cfg.data.task_weights)
   assert all((again.global_rows(s) == b.global_rows(s)).all() for s in (0, 5, 30))
-  packed = data.Batches(loaded.train.examples, 4, 64, 0, 0, tasks=loaded.tasks, packing=True)
+  packed = data.Batches(loaded.train.examples, 4, 256, 0, 0, tasks=loaded.tasks, packing=True)
   assert len(packed.rows) < len(loaded.train.examples)
   for row in packed.rows:  # a packed row holds one task's examples
     assert len({loaded.train.examples[i].task for i in row}) == 1
