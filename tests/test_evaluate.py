@@ -129,7 +129,7 @@ def _errors(tiny_llama_dir, reverse_data, tmp_path):
       (["--run", str(tmp_path), *data], "is not an ftjax run directory"),
       (["--run", str(no_ckpt), *data], "has no checkpoint"),
       (["--run", str(no_ckpt), "--step", "last", *data], "expected a step number or 'best'"),
-      (["--run", str(no_ckpt), "--adapter", str(tmp_path), *data], "--adapter goes with --model"),
+      (["--run", str(no_ckpt), "--adapter", str(tmp_path), *data], "--adapter DIR goes with --model"),
       (model + ["--step", "3"], "--step chooses a checkpoint of --run"),
       (model + ["--format", "tsv"], "invalid choice: 'tsv'"),
       (model + ["--seq-len", "4096"], "longer than the model's context (128 positions)"),
