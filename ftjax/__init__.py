@@ -15,8 +15,8 @@ Optax transforms (`l2sp`, `ewc`, `fisher`), and the invariant checks of ftjax.in
 Many adapters: `load_model(path, PeftConfig(adapters={"math": NamedLoraConfig(...), ...}))`
 (or `load_adapters(path, {"math": DIR, ...})` for HF PEFT adapters) builds one frozen base with
 named LoRA / DoRA adapters; batches carry each row's adapter index as `adapter` (rows, 1), and
-`adapter_rows(ids)` routes a direct `module.apply` (see ftjax.peft.multi); `single_adapter`
-gives one adapter back as a plain LoRA model.
+`adapter_rows(ids)` routes a direct `module.apply` inside a jitted function (see
+ftjax.peft.multi); `single_adapter` gives one adapter back as a plain LoRA model.
 
 Preference tuning: `preference_loss(PreferenceConfig(...), sequence_logps(model.module))` is a
 loss for `make_train_step` over batches of pairs (rows chosen, rejected, ...) that carry the

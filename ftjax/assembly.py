@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import hf, peft, quant, rules as prules, sharding, tree, vocab as vocab_lib
-from ftjax.config import Config, NamedLoraConfig, PartitionRule, PeftConfig, UserError
+from ftjax.config import (Config, NamedLoraConfig, PartitionRule, PeftConfig, UserError,
+                          resolve_adapters)
 from ftjax.models import Family, common
 from ftjax.peft import hf_adapter, tokens
 from ftjax.peft.base import Context, Method
@@ -199,16 +200,22 @@ def load_model(model_dir: str, peft_config: Optional[PeftConfig] = None, *,
   flat = tokens.init_leaves(spec, tree.flatten(params), ctx) if spec.new_token_leaves \
       else tree.flatten(params)
   flat.update({p: flat[p].astype(jnp.bfloat16) for p in late})
-  for path, value in pl.from_adapter.items():
-    if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
-      got = tuple(flat[path].shape) if path in flat else "no such parameter"
-      raise UserError(f"peft.init_from: tensor for '{path}' has shape {tuple(value.shape)}, "
-                      f"this model has {got}")
-    flat[path] = jnp.asarray(value, flat[path].dtype)
+  _set_leaves(flat, pl.from_adapter, "peft.init_from")
   if layout is not None:  # PEFT leaves join their layers' shards (base leaves are there)
     flat = {p: jax.device_put(v, layout[p]) for p, v in flat.items()}
   return Model(module, tree.unflatten(flat), chosen, base_paths, model_cfg, hf_cfg, family,
                model_dir, cfg, fresh, layout)
+
+
+def _set_leaves(flat: dict, leaves: dict, what: str) -> None:
+  """Puts an adapter's tensors into `flat` (in place), each in its leaf's dtype, refusing a
+  path the model lacks or a shape it does not have."""
+  for path, value in leaves.items():
+    if path not in flat or tuple(value.shape) != tuple(flat[path].shape):
+      got = tuple(flat[path].shape) if path in flat else "no such parameter"
+      raise UserError(f"{what}: tensor for '{path}' has shape {tuple(value.shape)}, this model "
+                      f"has {got}")
+    flat[path] = jnp.asarray(value, flat[path].dtype)
 
 
 def _quantized(cfg: PeftConfig, spec: Method, base_paths: list[str], chosen: set[str],
@@ -258,6 +265,8 @@ def plan(model_dir: str, peft_config: Optional[PeftConfig] = None, *, trainable:
          init_from: Optional[str] = None, vocab: Optional[vocab_lib.Extension] = None) -> Plan:
   """Everything `load_model` decides before reading weights (arguments as there)."""
   cfg = dataclasses.replace(peft_config or PeftConfig())
+  if cfg.adapters:  # named adapters: peft.method lora (as config validation settles it)
+    resolve_adapters(cfg)
   init_from = cfg.init_from if init_from is None else init_from
   dtype = compute_dtype(compute)
   base, model_cfg, hf_cfg, family = hf.build(model_dir, dtype, num_labels)
@@ -407,8 +416,7 @@ def load_adapters(model_dir: str, adapter_dirs: dict[str, str], compute: str = "
   model = load_model(model_dir, PeftConfig(method="lora", adapters=named), compute=compute,
                      tokenizer=tokenizer)
   flat = tree.flatten(model.params)
-  for path, value in leaves.items():
-    flat[path] = jnp.asarray(value, flat[path].dtype)
+  _set_leaves(flat, leaves, "--adapter")
   model.params = tree.unflatten(flat)
   return model
 

@@ -568,6 +568,31 @@ def _validate(cfg: Config) -> None:
   _validate_tasks(cfg)
 
 
+def check_adapter_name(name: str, what: str) -> None:
+  """An adapter name is a path component of its parameters (`.../q_proj/<NAME>/lora_a`)."""
+  if not ADAPTER_NAME.match(name) or name in RESERVED_NAMES:
+    raise UserError(f"{what}: an adapter name is letters, digits, '_' or '-', starting with a "
+                    f"letter, and not one of {', '.join(RESERVED_NAMES)}")
+
+
+def resolve_adapters(p: PeftConfig) -> None:
+  """Checks `peft.adapters` and settles what it implies, in place: `peft.method` lora, and each
+  adapter's `method: dora` as `dora: true`. For library users too (`load_model` calls it)."""
+  if p.method not in ("none", "lora"):
+    raise UserError(f"peft.adapters holds LoRA / DoRA adapters; it cannot be combined with "
+                    f"peft.method {p.method}")
+  if p.lora != LoraConfig():
+    raise UserError("peft.lora is not used with peft.adapters (each named adapter has its own "
+                    "r, alpha, targets...): set them under peft.adapters.NAME")
+  p.method = "lora"  # what the named adapters are
+  for name, a in p.adapters.items():
+    check_adapter_name(name, f"peft.adapters.{name}")
+    if a.r <= 0 or a.alpha <= 0 or not 0 <= a.dropout < 1 or not a.targets:
+      raise UserError(f"peft.adapters.{name}: r and alpha must be > 0, dropout in [0, 1), "
+                      "and targets name at least one pattern")
+    a.dora = a.dora or a.method == "dora"
+
+
 def _validate_tasks(cfg: Config) -> None:
   """peft.adapters and data.train's tasks name each other, in combinations that are built."""
   d, p = cfg.data, cfg.peft
@@ -576,13 +601,12 @@ def _validate_tasks(cfg: Config) -> None:
     if tasks is not None:
       raise UserError("data.train names tasks (a mapping): give each its adapter in "
                       "peft.adapters")
-    if d.task_weights:
-      raise UserError("data.task_weights needs tasks (data.train: {NAME: FILES})")
+    for key, used in [("task_weights", bool(d.task_weights)),
+                      ("task_batches", d.task_batches != "mixed")]:
+      if used:
+        raise UserError(f"data.{key} needs tasks (data.train: {{NAME: FILES}})")
     return
-  if p.method not in ("none", "lora"):
-    raise UserError(f"peft.adapters holds LoRA / DoRA adapters; it cannot be combined with "
-                    f"peft.method {p.method}")
-  p.method = "lora"  # what the named adapters are
+  resolve_adapters(p)
   if tasks is None:
     raise UserError("peft.adapters: data.train must name each adapter's data "
                     "({NAME: FILES, ...})")
@@ -590,15 +614,9 @@ def _validate_tasks(cfg: Config) -> None:
     if name not in p.adapters:
       raise UserError(f"data.train.{name}: no adapter of that name in peft.adapters "
                       f"({', '.join(p.adapters)})")
-  for name, a in p.adapters.items():
-    if not ADAPTER_NAME.match(name) or name in RESERVED_NAMES:
-      raise UserError(f"peft.adapters.{name}: an adapter name is letters, digits, '_' or '-', "
-                      f"starting with a letter, and not one of {', '.join(RESERVED_NAMES)}")
+  for name in p.adapters:
     if name not in tasks:
       raise UserError(f"peft.adapters.{name}: no data for it in data.train")
-    if a.r <= 0 or a.alpha <= 0 or not 0 <= a.dropout < 1 or not a.targets:
-      raise UserError(f"peft.adapters.{name}: r and alpha must be > 0, dropout in [0, 1), "
-                      "and targets name at least one pattern")
   for name, w in (d.task_weights or {}).items():
     if name not in tasks or not w > 0:
       raise UserError(f"data.task_weights.{name}: must name a task of data.train and be > 0")

@@ -44,6 +44,7 @@ from typing import Any, Optional
 import jax
 
 from ftjax import assembly, data, evaluation, export, generate, hf, loss, metrics, step, vocab
+from ftjax import config as config_lib
 from ftjax.config import Config, DataConfig, EvalConfig, PeftConfig, UserError
 from ftjax.peft import hf_adapter
 
@@ -85,9 +86,6 @@ def _check(req: Request) -> None:
   """Flag combinations and ranges, before anything is read."""
   if bool(req.model) == bool(req.run):
     raise UserError("pass --model DIR (with --adapter DIR) or --run RUN_DIR, exactly one of them")
-  if req.adapter and req.run and os.path.isdir(req.adapter):
-    raise UserError("--adapter DIR goes with --model; a run's checkpoint holds its own PEFT "
-                    "weights (with --run, --adapter NAME picks one of a run's peft.adapters)")
   if req.step is not None and not req.run:
     raise UserError("--step chooses a checkpoint of --run")
   if req.labels and req.run:
@@ -142,9 +140,14 @@ def load(req: Request) -> Target:
   data and eval settings it is evaluated with (see the module docstring for the defaults)."""
   _check(req)
   if req.run:
+    run_config = os.path.join(req.run, "config.yaml")
+    if req.adapter and os.path.isfile(run_config) and \
+        not config_lib.load(run_config).peft.adapters:
+      raise UserError("--adapter DIR goes with --model; a run's checkpoint holds its own PEFT "
+                      "weights (with --run, --adapter NAME picks one of a run's peft.adapters)")
     cfg, model, params, at = export.load_run(req.run, req.step)
     logger.info(f"{req.run}: checkpoint of step {at} ({cfg.peft.method})")
-    if cfg.peft.adapters or req.adapter:  # one of several adapters, as a plain LoRA model
+    if cfg.peft.adapters:  # one of several adapters, as a plain LoRA model
       if not req.adapter:
         raise UserError(f"{req.run} trained adapters {', '.join(cfg.peft.adapters)}: choose one "
                         "with --adapter NAME")

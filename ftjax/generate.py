@@ -87,6 +87,9 @@ def sample(module: Any, params: dict, prompts: list[list[int]], max_new_tokens: 
     raise UserError(f"{family.name} models do not generate text")
   cache = models.family.init_cache(module.cfg, b, soft + p + max_new_tokens, module.dtype)
   key = jax.random.PRNGKey(seed)
+  if adapters is not None and not isinstance(module.peft, multi.MultiLora):
+    raise UserError("adapters: per-prompt adapters need a model with named adapters "
+                    "(peft.adapters)")
   knobs = (jnp.float32(temperature), jnp.float32(top_p),
            None if adapters is None else np.asarray(adapters, np.int32).reshape(b, 1))
   nxt, cache = _forward(module, params, tokens, positions, segment_ids, cache,

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from ftjax import hf, tree
-from ftjax.peft import NONE
+from ftjax.peft import NONE, multi
 
 SHOWN = 5  # paths named in a message; the rest are counted
 
@@ -146,7 +146,8 @@ def identity_at_init(model: Any, batch: dict, params: Optional[dict] = None,
   base_paths = set(tree.flatten(hf.abstract_params(base_module)))
   base = tree.unflatten({p: v for p, v in flat.items() if p in base_paths})
   inputs = (batch["tokens"], batch["positions"], batch["segment_ids"])
-  ours, _ = model.module.apply({"params": params}, *inputs)
+  with multi.rows(batch.get("adapter")):  # each row's adapter, for named adapters
+    ours, _ = model.module.apply({"params": params}, *inputs)
   want, _ = base_module.apply({"params": base}, *inputs)
   real = _host(batch["segment_ids"]) > 0
   diff = np.abs(_host(ours).astype(np.float32) - _host(want).astype(np.float32))[real]

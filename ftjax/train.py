@@ -213,12 +213,8 @@ def _data(cfg: Config) -> Data:
     raise UserError("eval.patience (early stopping) needs an eval set: set data.eval or "
                     "data.eval_fraction")
   data.check_vocab(train_examples + [e for x in evals.values() for e in x], vocab_size)
-  batches = data.Batches(train_examples, cfg.train.batch_size, cfg.data.seq_len,
-                         tokenizer.pad_token_id, cfg.train.seed, packing=cfg.data.packing,
-                         buckets=cfg.data.buckets, process_index=jax.process_index(),
-                         process_count=jax.process_count(), tasks=tasks,
-                         task_weights=cfg.data.task_weights,
-                         single_task=cfg.data.task_batches == "single")
+  batches = data.train_batches(cfg, train_examples, tokenizer.pad_token_id, tasks,
+                               jax.process_index(), jax.process_count())
   if tasks:
     logger.info("tasks (rows per epoch): " + ", ".join(
         f"{name} {n}" for name, n in zip(tasks, batches.task_counts))
@@ -294,6 +290,9 @@ def _train(cfg: Config, d: Data, setup: Setup) -> RunResult:
   early = loop.EarlyStop()
   data_meta = {"examples": len(d.train), "rows": len(d.batches.rows),
                "batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
+  if d.batches.tasks:  # what orders a run's task rows (not in older runs' metadata)
+    data_meta.update(tasks=list(d.batches.tasks), task_counts=list(d.batches.task_counts),
+                     task_batches=cfg.data.task_batches)
   shapes = {p: list(v.shape) for p, v in sorted(tree.flatten(setup.state.params).items())}
   result = RunResult(out_dir, memory=setup.memory)
 

@@ -24,8 +24,8 @@ def _adapters(family):
 
 def _model(path, family, routing="mask", seed=0):
   """A tiny model with three adapters whose B (and DoRA magnitudes) are random: non-trivial."""
-  model = assembly.load_model(path, PeftConfig(method="lora", adapters=_adapters(family)),
-                              compute="fp32")
+  model = assembly.load_model(path, PeftConfig(adapters=_adapters(family)), compute="fp32")
+  assert model.trainable == {p for p in tree.flatten(model.params) if "/lora_" in p}
   rng = np.random.default_rng(seed)
   flat = {p: (jnp.asarray(v + 0.1 * rng.standard_normal(v.shape), v.dtype)
               if p.endswith(("lora_b", "lora_magnitude")) else v)
@@ -59,7 +59,8 @@ def family_dir(request, tmp_path_factory):
   return request.param, path
 
 
-@pytest.mark.parametrize("routing", ["mask", pytest.param("gather", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("routing", ["auto", pytest.param("mask", marks=pytest.mark.slow),
+                                     pytest.param("gather", marks=pytest.mark.slow)])
 def test_mixed_rows_equal_each_adapter_alone(family_dir, routing):
   family, path = family_dir
   model = _model(path, family, routing)
@@ -89,9 +90,10 @@ def _grads(module, params, frozen, batch):
 
 
 @pytest.mark.slow
-def test_mixed_batch_gradients_are_the_sum_of_each_adapters(family_dir):
+@pytest.mark.parametrize("routing", ["mask", "gather"])
+def test_mixed_batch_gradients_are_the_sum_of_each_adapters(family_dir, routing):
   family, path = family_dir
-  model = _model(path, family)
+  model = _model(path, family, routing)
   batch = _batch()
   ids = np.array([0, 1, 2, 1, 0, 2], np.int32)
   params, frozen = model.split()
@@ -116,6 +118,19 @@ def test_unrouted_apply_is_an_error(family_dir):
   model = _model(path, family)
   with pytest.raises(UserError, match="adapter id"):
     model.apply(model.params, _batch())
+  batch = _batch()
+  step = jax.jit(lambda p, b: model.module.apply({"params": p}, b["tokens"], b["positions"],
+                                                 b["segment_ids"])[0])
+  with pytest.raises(UserError, match="outside the traced"):  # ids would be compiled in
+    with multi.rows(np.zeros(6, np.int32)):
+      step(model.params, batch)
+
+
+def test_an_adapter_name_must_not_read_as_another_module_kind(family_dir):
+  family, path = family_dir
+  bad = {"layernorm": NamedLoraConfig(targets=["all-linear"])}
+  with pytest.raises(UserError, match="reads as a norm module"):
+    assembly.load_model(path, PeftConfig(adapters=bad))
 
 
 # --- training with tasks ---------------------------------------------------------------------
@@ -187,6 +202,9 @@ def test_mixed_batches_train_both_tasks_and_resume_exactly(tiny_llama_dir, task_
   assert resumed.start_step == 4
   np.testing.assert_allclose([resumed.losses[s] for s in range(5, 9)],
                              [whole.losses[s] for s in range(5, 9)], rtol=1e-5)
+  with pytest.raises(UserError, match="cannot resume step 8 exactly"):  # another task mix
+    train.run(_task_cfg(tiny_llama_dir, task_files, str(tmp_path / "b"), ("rev", "copy"),
+                        *words, "train.steps=10", "data.task_weights.rev=3"))
 
 
 def test_task_weights_share_out_an_epoch(task_files, tiny_llama_dir):
@@ -214,6 +232,26 @@ def test_task_weights_share_out_an_epoch(task_files, tiny_llama_dir):
   assert batch["adapter"][:, 0].tolist() == first
 
 
+def test_data_dry_run_shows_the_tasks(task_files, tiny_llama_dir, tmp_path, capsys):
+  from ftjax.data import __main__ as dry  # pylint: disable=import-outside-toplevel
+
+  cfg = tmp_path / "tasks.yaml"
+  cfg.write_text(f"""model: {{path: {tiny_llama_dir}}}
+peft: {{adapters: {{copy: {{r: 4}}, rev: {{r: 4}}}}}}
+data:
+  train: {{rev: {task_files['rev']}, copy: {task_files['copy']}}}
+  format: prompt_completion
+  seq_len: 64
+  task_batches: single
+  task_weights: {{rev: 5, copy: 1}}
+train: {{batch_size: 6}}
+""")
+  assert dry.main(["--config", str(cfg)]) == 0
+  out = capsys.readouterr().out
+  assert "tasks (rows per epoch): copy 16, rev 80; single batches" in out  # adapters' order
+  assert "batches: 15 steps per epoch" in out  # 80 // 6 + 16 // 6
+
+
 @pytest.mark.parametrize("words, message", [
     (["data.train.rev=x.jsonl"], "give each its adapter in peft.adapters"),
     (["data.train=x.jsonl", "peft.adapters.rev.r=4"], "must name each adapter's data"),
@@ -228,6 +266,11 @@ def test_task_weights_share_out_an_epoch(task_files, tiny_llama_dir):
      "name each eval set after its task"),
     (["data.train.rev=x.jsonl", "peft.adapters.rev.r=4", "data.format=preference"],
      "cannot be combined with data.format preference"),
+    (["data.train.rev=x.jsonl", "peft.adapters.rev.r=4", "peft.lora.r=64"],
+     "peft.lora is not used with peft.adapters"),
+    (["data.train=x.jsonl", "data.task_batches=single"], "data.task_batches needs tasks"),
+    (["data.train.rev=x.jsonl", "peft.adapters.rev.r=4", "data.task_weights.rev=.inf"],
+     "expected a finite float"),
 ])
 def test_task_config_errors(words, message):
   with pytest.raises(UserError, match=message):

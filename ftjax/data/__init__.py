@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Batches", "Example", "bucket_lengths", "collate", "eval_batches", "pack",
            "load", "load_splits", "tokenize", "check_vocab", "Split", "Data", "eval_sets",
-           "mix_rows"]
+           "mix_rows", "train_batches"]
 
 ENCODING_FIELDS = ("format", "text_field", "prompt_field", "completion_field", "messages_field",
                    "label_field", "assistant_turns", "add_eos")
@@ -364,6 +364,16 @@ def load_splits(cfg: DataConfig, tokenizer: Any, tasks: Optional[list[str]] = No
     evals[name] = _finish(rows, cfg, labels, f"data.eval.{name}" if name else "data.eval",
                           tokenizer)
   return Data(train, next(iter(evals.values()), None), labels, evals)
+
+
+def train_batches(cfg: Any, examples: list[Example], pad_id: int, tasks: list[str] = (),
+                  process_index: int = 0, process_count: int = 1) -> Batches:
+  """The training batches of a run config (`cfg`: a `config.Config`), as `ftjax.train` and
+  `python -m ftjax.data` both build them."""
+  return Batches(examples, cfg.train.batch_size, cfg.data.seq_len, pad_id, cfg.train.seed,
+                 packing=cfg.data.packing, buckets=cfg.data.buckets, process_index=process_index,
+                 process_count=process_count, tasks=tasks, task_weights=cfg.data.task_weights,
+                 single_task=cfg.data.task_batches == "single")
 
 
 def load(paths: str | list[str], cfg: DataConfig, tokenizer: Any,

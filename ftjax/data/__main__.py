@@ -66,8 +66,7 @@ def describe(what: str, split: data.Split, cfg: config.Config, pad_id: int,
   lines.append("  length histogram (tokens per example):")
   lines += histogram(lengths, cfg.data.seq_len)
   if what == "data.train":
-    b = data.Batches(examples, cfg.train.batch_size, cfg.data.seq_len, pad_id, cfg.train.seed,
-                     packing=cfg.data.packing, buckets=cfg.data.buckets)
+    b = data.train_batches(cfg, examples, pad_id, list(cfg.peft.adapters or {}))
     sides = 2 if b.pairs else 1  # a pair is two rows of a batch
     padded = sum(data.batches.fit(int(b.row_tokens[b.global_rows(s)].max()), b.lengths)
                  * cfg.train.batch_size * sides for s in range(b.steps_per_epoch))
@@ -79,6 +78,10 @@ def describe(what: str, split: data.Split, cfg: config.Config, pad_id: int,
     lines.append(f"  rows: {rows}; padded to lengths {'/'.join(map(str, b.lengths))}: "
                  f"{100 * real / padded:.1f}% of the padded tokens are real")
     epochs = cfg.train.steps / b.steps_per_epoch
+    if b.tasks:
+      lines.append("  tasks (rows per epoch): " + ", ".join(
+          f"{name} {n}" for name, n in zip(b.tasks, b.task_counts))
+          + f"; {cfg.data.task_batches} batches")
     lines.append(f"  batches: {b.steps_per_epoch} steps per epoch of {cfg.train.batch_size} "
                  f"{'pairs' if b.pairs else 'rows'} (train.steps {cfg.train.steps} = "
                  f"{epochs:.2f} epochs)")
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
     cfg = config.load(args.config, args.overrides)
     hf_config, _ = hf.read_config(cfg.model.path)
     tokenizer = hf.load_tokenizer(cfg.model.path)
-    loaded = data.load_splits(cfg.data, tokenizer)
+    loaded = data.load_splits(cfg.data, tokenizer, list(cfg.peft.adapters or {}))
     splits = [("data.train", loaded.train)] + [(f"data.eval.{n}" if n else "data.eval", s)
                                                for n, s in loaded.evals.items()]
     for _, split in splits:

@@ -24,9 +24,10 @@ Two ways to compute the rows' branches (`routing`; `scripts/bench_adapters.py` m
 - "gather": each row's own A and B picked from stacks (rows, in, r) and applied with a batched
   matmul; the work is one branch per row, the gathered copies cost rows × (in + out) × r.
 A row whose id names no adapter of a layer gets no branch there (an adapter without that
-target, or id -1: the base model). Measured on 2 CPU cores (benchmark model, batch 8 x 256, four
-adapters r16 on every projection): gather 711 tokens/s, mask 639, one plain LoRA 708 — mask does
-n times the branch work, gather one branch per row at the price of small gathered copies.
+target; an id of -1 or past the last adapter: the base model). Measured on 2 CPU cores
+(benchmark model, batch 8 x 256, four adapters r16 on every projection): gather 711 tokens/s,
+mask 639, one plain LoRA 708 — mask does n times the branch work, gather one branch per row at
+the price of small gathered copies.
 """
 
 from __future__ import annotations
@@ -41,10 +42,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.config import ADAPTER_NAME, RESERVED_NAMES, PeftConfig, UserError
+from ftjax.config import PeftConfig, UserError, check_adapter_name
 from ftjax.models import layers
 from ftjax.peft import lora
 from ftjax.peft.base import Context, Method
+
+# Whether a value is known while tracing (an eager gradient's inputs are; a jit's are not):
+# jax.core's public alias is deprecated without a replacement, so the check is skipped if a
+# later jax lacks it.
+_is_concrete = getattr(jax._src.core, "is_concrete", None)  # pylint: disable=protected-access
 
 _ROWS: contextvars.ContextVar = contextvars.ContextVar("ftjax_adapter_rows", default=None)
 
@@ -60,10 +66,7 @@ def rows(ids_B: Optional[jax.Array]):
     _ROWS.reset(token)
 
 
-def check_name(name: str, what: str) -> None:
-  if not ADAPTER_NAME.match(name) or name in RESERVED_NAMES:
-    raise UserError(f"{what}: adapter name '{name}' must be letters, digits, '_' or '-' "
-                    f"(starting with a letter), and not one of {', '.join(RESERVED_NAMES)}")
+check_name = check_adapter_name
 
 
 class _Branch(nn.Module):
@@ -104,9 +107,14 @@ class MultiLora(Method):
   def from_config(cls, cfg: PeftConfig, ctx: Context) -> "MultiLora":
     specs = []
     for name, c in cfg.adapters.items():
-      check_name(name, "peft.adapters")
-      specs.append((name, lora.Lora(ctx.dense_modules(c.targets, f"peft.adapters.{name}.targets"),
-                                    c.r, c.alpha, lora.scale(c), c.dropout, c.rslora,
+      check_name(name, f"peft.adapters.{name}")
+      modules = ctx.dense_modules(c.targets, f"peft.adapters.{name}.targets")
+      for m in modules:  # the name must not read as another kind of module (rules by kind)
+        if ctx.family.kind(f"{m}/{name}/lora_a") != ctx.family.kind(f"{m}/kernel"):
+          raise UserError(f"peft.adapters.{name}: the name reads as a "
+                          f"{ctx.family.kind(f'{m}/{name}/lora_a')} module in this model's "
+                          f"parameter paths ({m}/{name}/...); choose another name")
+      specs.append((name, lora.Lora(modules, c.r, c.alpha, lora.scale(c), c.dropout, c.rslora,
                                     c.dora or c.method == "dora")))
     return cls(tuple(specs))
 
@@ -127,7 +135,7 @@ class MultiLora(Method):
               for _, name, s in here]
     b = bias()
     y = layers.matmul(x_NxI, kernel_IxO, module.dtype)
-    ids_N = _token_ids(module, x_NxI.shape[0])
+    ids_N = _token_ids(module, x_NxI)
     x_in = x_NxI.astype(module.dtype)
     x = _dropout(module, x_in, ids_N, here)
     gather = self.routing == "gather" or (self.routing == "auto" and len(here) > 1)
@@ -186,27 +194,42 @@ def place(name: str, leaves: dict) -> dict:
   return out
 
 
-def _token_ids(module, n_tokens: int) -> jax.Array:
-  """Each of the layer input's `n_tokens` (rows × length, flattened) rows' adapter id."""
+def _token_ids(module, x_NxI: jax.Array) -> jax.Array:
+  """The adapter id of each of the layer input's positions (rows × length, flattened)."""
+  n_tokens = x_NxI.shape[0]
   ids = _ROWS.get()
   if ids is None:
     if module.is_initializing():
       return jnp.zeros((n_tokens,), jnp.int32)
     raise UserError("a model with several adapters was applied without each row's adapter id "
                     "(batch['adapter'], set with ftjax.peft.multi.rows)")
+  if _is_concrete and not _is_concrete(x_NxI) and _is_concrete(ids):
+    raise UserError("ftjax.peft.multi.rows was set outside the traced (jitted) function: its "
+                    "ids would be compiled in as constants; set it inside, from an argument")
   if n_tokens % ids.shape[0]:
     raise ValueError(f"{n_tokens} positions do not split into {ids.shape[0]} rows")
   return jnp.repeat(ids.astype(jnp.int32), n_tokens // ids.shape[0])
 
 
+def _slots(ids_N: jax.Array, here: list) -> tuple[jax.Array, int]:
+  """(each token's slot in a table of n = max index here + 2 entries: its adapter's index, or
+  the last entry when its id names no adapter of this layer; n)."""
+  n = max(k for k, _, _ in here) + 2
+  known = np.zeros(n, bool)
+  known[[k for k, _, _ in here]] = True
+  inside = (ids_N >= 0) & (ids_N < n - 1)
+  return jnp.where(inside & jnp.asarray(known)[jnp.clip(ids_N, 0, n - 1)], ids_N, n - 1), n
+
+
 def _dropout(module, x_NxI, ids_N, here):
   """The branch input under each row's own adapter's dropout (in training only)."""
-  rates = np.zeros(max(k for k, _, _ in here) + 1, np.float32)
+  slot, n = _slots(ids_N, here)
+  rates = np.zeros(n, np.float32)
   for k, _, s in here:
     rates[k] = s.dropout
   if not rates.any() or not module.has_rng("dropout"):
     return x_NxI
-  keep = 1.0 - jnp.asarray(rates)[jnp.clip(ids_N, 0, len(rates) - 1)][:, None]
+  keep = 1.0 - jnp.asarray(rates)[slot][:, None]
   kept = jax.random.bernoulli(module.make_rng("dropout"), keep, x_NxI.shape)
   return jnp.where(kept, x_NxI / keep, 0).astype(x_NxI.dtype)
 
@@ -225,16 +248,13 @@ def _gather(x_NxI, ids_N, here, params, dtype):
   """Each row's own s·x·A·B with its factors gathered from stacks padded to the largest rank
   (a stack slot past the adapters here is zero: no branch)."""
   r = max(s.r for _, _, s in here)
-  n = max(k for k, _, _ in here) + 2  # the last slot: ids naming no adapter here
+  slot, n = _slots(ids_N, here)  # the last slot (zeros): ids naming no adapter here
   in_f, out_f = params[0][0].shape[0], params[0][1].shape[1]
   a = jnp.zeros((n, in_f, r), dtype)
   b = jnp.zeros((n, r, out_f), dtype)
   for (k, _, s), (pa, pb, _) in zip(here, params):
     a = a.at[k, :, :s.r].set(pa.astype(dtype))
     b = b.at[k, :s.r, :].set((pb * s.scale).astype(dtype))
-  known = np.zeros(n, bool)
-  known[[k for k, _, _ in here]] = True
-  slot = jnp.where(jnp.asarray(known)[jnp.clip(ids_N, 0, n - 1)] & (ids_N >= 0), ids_N, n - 1)
   rows = _ROWS.get().shape[0] if _ROWS.get() is not None else 1
   row_slot = slot.reshape(rows, -1)[:, 0]
   x = x_NxI.reshape(rows, -1, in_f)
@@ -246,11 +266,10 @@ def _dora_ratio(module, kernel_IxO, ids_N, here, params):
   """Each token's m/‖W + s·A·B‖ of its row's DoRA adapter (1 for LoRA adapters and rows
   without an adapter here), the norm a constant in the backward pass."""
   out_f = kernel_IxO.shape[1]
-  n = max(k for k, _, _ in here) + 2
+  slot, n = _slots(ids_N, here)
   table = [jnp.ones((out_f,), jnp.float32)] * n
   for (k, _, s), (a, b, m) in zip(here, params):
     if s.dora:
       norm = jax.lax.stop_gradient(lora.column_norm(kernel_IxO, a, b, s.scale))
       table[k] = m.astype(jnp.float32) / norm
-  slot = jnp.where((ids_N >= 0) & (ids_N < n - 1), ids_N, n - 1)
   return jnp.stack(table)[slot].astype(module.dtype)
