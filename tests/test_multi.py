@@ -126,8 +126,8 @@ def test_unrouted_apply_is_an_error(family_dir):
       step(model.params, batch)
 
 
-def test_an_adapter_name_must_not_read_as_another_module_kind(family_dir):
-  family, path = family_dir
+def test_an_adapter_name_must_not_read_as_another_module_kind(tiny_llama_dir):
+  path = tiny_llama_dir
   bad = {"layernorm": NamedLoraConfig(targets=["all-linear"])}
   with pytest.raises(UserError, match="reads as a norm module"):
     assembly.load_model(path, PeftConfig(adapters=bad))
