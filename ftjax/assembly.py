@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from ftjax import hf, peft, quant, rules as prules, sharding, tree, vocab as vocab_lib
 from ftjax.config import (Config, NamedLoraConfig, PartitionRule, PeftConfig, UserError,
-                          resolve_adapters)
+                          packing, resolve_adapters)
 from ftjax.models import Family, common
 from ftjax.peft import hf_adapter, tokens
 from ftjax.peft.base import Context, Method
@@ -383,7 +383,7 @@ def _config_args(cfg: Config, skip_init_from: bool = False,
   if vocab is None and (cfg.model.add_tokens or cfg.model.add_special_tokens):
     vocab = vocab_lib.resolve(cfg.model, cfg.train.seed)[1]
   return dict(compute=cfg.precision.compute, num_labels=num_labels, remat=cfg.train.remat,
-              attention=common.attention_impl(cfg.model.attention, dtype, cfg.data.packing),
+              attention=common.attention_impl(cfg.model.attention, dtype, packing(cfg)),
               seq_len=cfg.data.seq_len, init_from="" if skip_init_from else None,
               rules=cfg.partition.rules, vocab=vocab)
 

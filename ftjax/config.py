@@ -160,7 +160,10 @@ class DataConfig:
   seq_len: int = 512
   truncation: Literal["truncate", "drop", "error"] = "truncate"
   add_eos: bool = True
-  packing: bool = False  # several examples per row, attention and loss kept apart
+  # Several examples per row, attention and loss kept apart (exact). auto: packs the causal-LM
+  # formats (text, prompt_completion, chat), except under prompt tuning and where attention is
+  # cuDNN's flash kernel, which needs one example per row (GPUs in half precision).
+  packing: Union[bool, Literal["auto"]] = "auto"
   buckets: int = 4  # pad each batch to the shortest of seq_len, seq_len/2, ... (this many)
   on_error: Literal["error", "skip"] = "error"  # a bad record stops the run, or is skipped
   num_proc: int = 0  # tokenising processes; 0: all cores for large files
@@ -532,11 +535,11 @@ def _validate(cfg: Config) -> None:
        "set data.eval or data.eval_fraction, not both"),
       (cfg.data.buckets >= 1, "data.buckets must be >= 1"),
       (cfg.data.num_proc >= 0, "data.num_proc must be >= 0"),
-      (not (cfg.data.packing and cfg.model.attention == "cudnn"),
+      (not (cfg.data.packing is True and cfg.model.attention == "cudnn"),
        "model.attention cudnn needs one example per row (data.packing false); use auto or xla"),
-      (not (cfg.data.packing and cfg.data.format == "classification"),
+      (not (cfg.data.packing is True and cfg.data.format == "classification"),
        "data.packing is for language-model formats, not classification"),
-      (not (cfg.data.packing and cfg.data.format == "preference"),
+      (not (cfg.data.packing is True and cfg.data.format == "preference"),
        "data.packing cannot be used with data.format preference (a pair's chosen and rejected "
        "sequences are rows side by side, one example each)"),
       (cfg.preference.beta > 0, "preference.beta must be > 0"),
@@ -557,7 +560,7 @@ def _validate(cfg: Config) -> None:
             (cfg.regularize.ewc.lam or cfg.partition.sparse.density)),
        "regularize.ewc and partition.sparse score gradients of the SFT loss; they cannot be "
        "combined with data.format preference"),
-      (not (cfg.data.packing and cfg.peft.method == "prompt"),
+      (not (cfg.data.packing is True and cfg.peft.method == "prompt"),
        "data.packing cannot be used with peft.method prompt (soft tokens are prepended per row, "
        "not per example)"),
   ]
@@ -573,6 +576,23 @@ def check_adapter_name(name: str, what: str) -> None:
   if not ADAPTER_NAME.match(name) or name in RESERVED_NAMES:
     raise UserError(f"{what}: an adapter name is letters, digits, '_' or '-', starting with a "
                     f"letter, and not one of {', '.join(RESERVED_NAMES)}")
+
+
+LM_FORMATS = ("text", "prompt_completion", "chat")
+
+
+def packing(cfg: Config) -> bool:
+  """`data.packing` resolved (see DataConfig). Where auto asks about the attention kernel it
+  reads the JAX backend, so call it after `jax.distributed` has started."""
+  d = cfg.data
+  if d.packing != "auto":
+    return d.packing
+  if d.format not in LM_FORMATS or cfg.peft.method == "prompt" or cfg.model.attention == "cudnn":
+    return False
+  if cfg.model.attention == "xla":
+    return True
+  import jax  # pylint: disable=import-outside-toplevel  (the config itself needs no JAX)
+  return not (jax.default_backend() == "gpu" and cfg.precision.compute != "fp32")
 
 
 def resolve_adapters(p: PeftConfig) -> None:

@@ -127,41 +127,55 @@ def chunked_token_losses(h_BxLxD: jax.Array, kernel_DxV: jax.Array, batch: dict,
                          dtype: Any = jnp.float32, kernel_grad: bool = True,
                          columns: tuple = ()) -> tuple[jax.Array, jax.Array]:
   """The summed next-token loss and the trained-token count of `token_losses`, from the final
-  hidden states and the output head, `chunk` positions at a time: one chunk's fp32 logits exist
-  at a time, never the batch's (see `_chunked_nll`)."""
-  d = h_BxLxD.shape[-1]
-  targets = batch["tokens"][:, 1:].reshape(-1)
+  hidden states and the output head, about `chunk` positions at a time: one chunk's fp32 logits
+  exist at a time, never the batch's (see `_chunked_nll`).
+
+  Only trained positions cost head work. Each row's trained positions are moved to its front (a
+  stable sort on the weights), and the rows are cut into chunks along the sequence, `chunk / B`
+  positions of every row per chunk. Chunks past the longest row's trained count hold nothing
+  and skip the head matmul and softmax (see `_chunked_nll_fwd`). An answer-only SFT batch
+  trains about half its positions, and padding none. The cut keeps the batch axis whole, so a
+  batch sharded over rows stays sharded through the head.
+  """
+  b, l, d = h_BxLxD.shape
+  targets = batch["tokens"][:, 1:]
   weights = (batch["loss_mask"][:, 1:] *
              (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1])).astype(jnp.float32)
-  weights = weights.reshape(-1)
-  h = h_BxLxD[:, :-1].reshape(-1, d)
-  pad = -h.shape[0] % chunk
-  h, targets, weights = (jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+  order = jnp.argsort(weights == 0, axis=1, stable=True)  # each row's trained positions first
+  h = jnp.take_along_axis(h_BxLxD[:, :-1], order[..., None], axis=1)
+  targets, weights = (jnp.take_along_axis(x, order, axis=1) for x in (targets, weights))
+  per_row = min(max(8, chunk // b // 8 * 8), -(-(l - 1) // 8) * 8)
+  pad = -(l - 1) % per_row
+  h, targets, weights = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
                          for x in (h, targets, weights))
-  return (_chunked_nll(h, kernel_DxV, targets, weights, chunk, jnp.dtype(dtype), kernel_grad,
+  n = (l - 1 + pad) // per_row  # chunks of B x per_row positions, chunk-major
+  h, targets, weights = (jnp.moveaxis(x.reshape(b, n, per_row, *x.shape[2:]), 1, 0)
+                         for x in (h, targets, weights))
+  return (_chunked_nll(h, kernel_DxV, targets, weights, jnp.dtype(dtype), kernel_grad,
                        tuple(columns)), weights.sum())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _chunked_nll(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kernel_grad=True,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_nll(h_CxBxPxD, kernel_DxV, targets_CxBxP, weights_CxBxP, dtype, kernel_grad=True,
                  columns=()):
-  return _chunked_nll_fwd(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kernel_grad,
-                          columns)[0]
+  return _chunked_nll_fwd(h_CxBxPxD, kernel_DxV, targets_CxBxP, weights_CxBxP, dtype,
+                          kernel_grad, columns)[0]
 
 
-def _chunked_nll_fwd(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kernel_grad=True,
-                     columns=()):
-  """Loss and both gradients in one pass over the chunks: each chunk's softmax gives its logit
-  gradient at once, so the backward pass only scales what the forward pass accumulated (no
-  logits are recomputed or kept). Without `kernel_grad` (a frozen head) the head's gradient is
-  not computed (it comes back as zeros), except for the `columns` asked for (new tokens' rows
-  trained apart: k columns, h.T @ their logit gradients)."""
-  n, d = h_NxD.shape
+def _chunked_nll_fwd(h_CxBxPxD, kernel_DxV, targets_CxBxP, weights_CxBxP, dtype,
+                     kernel_grad=True, columns=()):
+  """Loss and both gradients in one pass over the C chunks (each B rows x P positions): each
+  chunk's softmax gives its logit gradient at once, so the backward pass only scales what the
+  forward pass accumulated (no logits are recomputed or kept). A chunk with no trained position
+  is skipped (`lax.cond`: no matmul, no softmax). Without `kernel_grad` (a frozen head) the
+  head's gradient is not computed (it comes back as zeros), except for the `columns` asked for
+  (new tokens' rows trained apart: k columns, h.T @ their logit gradients)."""
+  d = h_CxBxPxD.shape[-1]
   kernel = kernel_DxV.astype(dtype)
   cols = jnp.asarray(columns, jnp.int32)
 
   def piece(dk, xs):
-    h_c, t_c, w_c = xs
+    h_c, t_c, w_c = (x.reshape(-1, *x.shape[2:]) for x in xs)  # (B*P, ...)
     logits = jnp.dot(h_c.astype(dtype), kernel).astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     nll = lse - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
@@ -173,24 +187,28 @@ def _chunked_nll_fwd(h_NxD, kernel_DxV, targets_N, weights_N, chunk, dtype, kern
       dk = dk + jnp.dot(h_c.astype(dtype).T, dlogits, preferred_element_type=jnp.float32)
     elif columns:
       dk = dk + jnp.dot(h_c.astype(dtype).T, dlogits[:, cols], preferred_element_type=jnp.float32)
-    return dk, (jnp.sum(nll * w_c), dh)
+    return dk, (jnp.sum(nll * w_c), dh.reshape(xs[0].shape))
+
+  def skip(dk, xs):
+    return dk, (jnp.zeros((), jnp.float32), jnp.zeros(xs[0].shape, jnp.float32))
+
+  def body(dk, xs):
+    return jax.lax.cond(jnp.any(xs[2] > 0), piece, skip, dk, xs)
 
   width = kernel.shape[-1] if kernel_grad else len(columns)
   dk = jnp.zeros((d, width) if kernel_grad or columns else (), jnp.float32)
-  dk, (sums, dh) = jax.lax.scan(
-      piece, dk,
-      (h_NxD.reshape(-1, chunk, d), targets_N.reshape(-1, chunk), weights_N.reshape(-1, chunk)))
+  dk, (sums, dh) = jax.lax.scan(body, dk, (h_CxBxPxD, targets_CxBxP, weights_CxBxP))
   if kernel_grad:
     dk = dk.astype(kernel_DxV.dtype)
   elif columns:  # the k columns in place, zeros elsewhere (the frozen columns' cotangent)
     dk = jnp.zeros(kernel_DxV.shape, kernel_DxV.dtype).at[:, cols].set(dk.astype(kernel_DxV.dtype))
   else:
     dk = jnp.zeros((), kernel_DxV.dtype)
-  return jnp.sum(sums), (dh.reshape(n, d).astype(h_NxD.dtype), dk)
+  return jnp.sum(sums), (dh.astype(h_CxBxPxD.dtype), dk)
 
 
-def _chunked_nll_bwd(chunk, dtype, kernel_grad, columns, residuals, g):
-  del chunk, dtype
+def _chunked_nll_bwd(dtype, kernel_grad, columns, residuals, g):
+  del dtype
   dh, dk = residuals
   kernel_grad = kernel_grad or bool(columns)
   dk = (g * dk).astype(dk.dtype) if kernel_grad else None  # None: a zero cotangent

@@ -180,7 +180,9 @@ def _data(cfg: Config) -> Data:
   """Phase 1: checks the model directory, tokenises the splits, makes the batches. Cheap checks
   come first: a bad model directory or data file fails before any weights load, and data is
   tokenised (perhaps in forked workers) before JAX starts its threads. Resolves
-  `data.labels` (classification) and `train.steps` (from `train.epochs`) in `cfg`."""
+  `data.labels` (classification), `data.packing` (auto) and `train.steps` (from `train.epochs`)
+  in `cfg`."""
+  cfg.data.packing = config.packing(cfg)  # config.yaml records what the run did
   base_module, model_cfg, _, _ = hf.build(cfg.model.path)
   hf.check_weights(cfg.model.path)
   tokenizer, added = vocab.resolve(cfg.model, cfg.train.seed)
@@ -219,7 +221,7 @@ def _data(cfg: Config) -> Data:
     logger.info("tasks (rows per epoch): " + ", ".join(
         f"{name} {n}" for name, n in zip(tasks, batches.task_counts))
         + f"; {cfg.data.task_batches} batches")
-  if cfg.data.packing:
+  if batches.packed:
     logger.info(f"packing: {len(train_examples)} examples in {len(batches.rows)} rows of "
                 f"{cfg.data.seq_len} tokens, {100 * batches.efficiency:.1f}% full")
   if cfg.train.epochs:

@@ -166,6 +166,29 @@ def test_chunked_cross_entropy_equals_whole_logits_in_value_and_gradient():
     np.testing.assert_allclose(g1[k], g2[k], rtol=1e-5, atol=1e-6)
 
 
+def test_chunked_cross_entropy_skips_untrained_positions_exactly():
+  """Answer-only rows (prompts and padding untrained) and a batch that trains nothing: the
+  chunked head's loss and gradients equal whole logits' (chunks of untrained positions skip the
+  head, and trained positions are moved to the front of their rows first)."""
+  params, batch = _params(), _batch(rows=3, length=40)
+  mask = np.zeros((3, 40), np.int32)
+  for row, spans in enumerate([[(5, 9), (20, 26)], [(30, 40)], [(2, 3)]]):
+    for a, b in spans:
+      mask[row, a:b] = 1
+  batch["segment_ids"] = np.ones((3, 40), np.int32)
+  hidden = lambda p, b, rng=None: (jax.nn.one_hot(b["tokens"], V) @ p["embed"], p["head"])
+  whole = loss.cross_entropy(_apply)
+  chunked = loss.chunked_cross_entropy(loss.ChunkedLoss(hidden, chunk=24))  # 8 per row
+  for m in (mask, np.zeros_like(mask)):
+    b = {**batch, "loss_mask": m}
+    (l1, a1), g1 = jax.value_and_grad(whole, has_aux=True)(params, b)
+    (l2, a2), g2 = jax.value_and_grad(chunked, has_aux=True)(params, b)
+    assert float(a1["tokens"]) == float(a2["tokens"]) == float(m[:, 1:].sum())
+    assert float(l2) == pytest.approx(float(l1), rel=1e-6, abs=1e-6)
+    for k in params:
+      np.testing.assert_allclose(g2[k], g1[k], rtol=1e-5, atol=1e-6)
+
+
 def test_step_divides_by_all_tokens_so_accumulation_equals_one_batch():
   params, batch = _params(), _batch(rows=8)
   tx = optax.sgd(0.1)

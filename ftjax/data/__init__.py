@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ftjax.config import DataConfig, UserError
+from ftjax.config import DataConfig, UserError, packing
 from ftjax.data import formats, sources
 from ftjax.data.batches import Batches, Example, bucket_lengths, collate, eval_batches, pack
 
@@ -371,7 +371,7 @@ def train_batches(cfg: Any, examples: list[Example], pad_id: int, tasks: list[st
   """The training batches of a run config (`cfg`: a `config.Config`), as `ftjax.train` and
   `python -m ftjax.data` both build them."""
   return Batches(examples, cfg.train.batch_size, cfg.data.seq_len, pad_id, cfg.train.seed,
-                 packing=cfg.data.packing, buckets=cfg.data.buckets, process_index=process_index,
+                 packing=packing(cfg), buckets=cfg.data.buckets, process_index=process_index,
                  process_count=process_count, tasks=tasks, task_weights=cfg.data.task_weights,
                  single_task=cfg.data.task_batches == "single")
 

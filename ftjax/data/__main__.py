@@ -73,7 +73,7 @@ def describe(what: str, split: data.Split, cfg: config.Config, pad_id: int,
     real = sum(len(examples[b.rows[r][i]].tokens) for s in range(b.steps_per_epoch)
                for r in b.global_rows(s) for i in range(len(b.rows[r])))
     rows = (f"packed into {len(b.rows)} rows of {cfg.data.seq_len} tokens "
-            f"({100 * b.efficiency:.1f}% full)" if cfg.data.packing else
+            f"({100 * b.efficiency:.1f}% full)" if b.packed else
             "one sequence per row, a pair's two side by side" if b.pairs else "one example per row")
     lines.append(f"  rows: {rows}; padded to lengths {'/'.join(map(str, b.lengths))}: "
                  f"{100 * real / padded:.1f}% of the padded tokens are real")

@@ -148,6 +148,7 @@ class Batches:
                single_task: bool = False):
     self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
     self.pad_id, self.seed, self.lengths = pad_id, seed, bucket_lengths(seq_len, buckets)
+    self.packed = packing
     self.ref = ref  # preference: each pair's reference log-probabilities (examples, 2)
     self.pairs = bool(examples) and bool(examples[0].split)
     if self.pairs and packing:
