@@ -212,7 +212,7 @@ def test_resume_mid_epoch_sees_the_batches_of_an_uninterrupted_run(tiny_llama_di
 
   def run(out, **overrides):
     words = [f"model.path={tiny_llama_dir}", f"data.train={path}", f"train.output_dir={out}",
-             "data.format=prompt_completion", "data.seq_len=64", "data.packing=true",
+             "data.format=prompt_completion", "data.seq_len=64",  # packing: auto packs
              "train.batch_size=2", "train.steps=9", "precision.compute=fp32",
              f"data.cache_dir={tmp_path / 'c'}"] + [f"{k}={v}" for k, v in overrides.items()]
     return train.run(config.load(None, words))
@@ -227,6 +227,7 @@ def test_resume_mid_epoch_sees_the_batches_of_an_uninterrupted_run(tiny_llama_di
   # the stop fell inside an epoch and the run crossed epochs
   tok = hf.load_tokenizer(tiny_llama_dir)
   cfg = config.load(str(tmp_path / "whole" / "config.yaml"))
+  assert cfg.data.packing is True  # what auto chose, recorded
   b = data.Batches(data.load(path, cfg.data, tok), 2, 64, 0, 0, packing=True)
   assert 4 % b.steps_per_epoch and b.steps_per_epoch < 9
 
@@ -287,6 +288,21 @@ def test_truncation_policies_and_classification_labels(tiny_llama_dir, tmp_path)
     _cfg("data.packing=true", "peft.method=prompt")
 
 
+def test_packing_auto_packs_the_language_model_formats_where_exact():
+  """data.packing auto (the default) packs text, prompt_completion and chat, and nothing that
+  packing would change: classification, preference, prompt tuning, cuDNN attention."""
+  assert _cfg().data.packing == "auto"
+  for fmt in ("text", "prompt_completion", "chat"):
+    assert config.packing(_cfg(f"data.format={fmt}")) is True
+  for words in (["data.format=classification"], ["data.format=preference"],
+                ["peft.method=prompt"], ["model.attention=cudnn"]):
+    assert config.packing(_cfg(*words)) is False, words
+  assert config.packing(_cfg("data.packing=false")) is False
+  assert config.packing(_cfg("data.format=classification", "data.packing=auto")) is False
+  with pytest.raises(config.UserError, match="data.packing: 'sometimes' is not one of auto"):
+    _cfg("data.packing=sometimes")
+
+
 BAD = {  # case: (format, bad record as a jsonl line, the error it must name)
     "missing_column": ("prompt_completion", '{"prompt": "a"}', "line 2 has no 'completion' field"),
     "wrong_type": ("prompt_completion", '{"prompt": "a", "completion": 5}',
@@ -335,7 +351,7 @@ def test_dry_run_renders_exactly_the_trained_tokens_of_a_chat(smollm2_dir, smol_
   cfg_file = tmp_path / "c.yaml"
   cfg_file.write_text(yaml.safe_dump({
       "model": {"path": smollm2_dir}, "train": {"batch_size": 1},
-      "data": {"train": path, "format": "chat", "seq_len": 128,
+      "data": {"train": path, "format": "chat", "seq_len": 128, "packing": False,
                "cache_dir": str(tmp_path / "cache")}}))
   assert dry_run.main(["--config", str(cfg_file), "--show", "1"]) == 0
   out = capsys.readouterr().out

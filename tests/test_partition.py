@@ -184,7 +184,7 @@ def test_sparse_trains_only_the_top_entries_of_each_tensor(score, tiny_llama_dir
   model = assembly.from_config(cfg, tok)
   params, frozen = model.split()
   examples = data.load(cfg.data.train, cfg.data, tok)
-  batches = data.Batches(examples, 8, 64, tok.pad_token_id, 0, buckets=1)
+  batches = data.train_batches(cfg, examples, tok.pad_token_id)  # the run's batches
   loss_fn = loss.cross_entropy(loss.logits_fn(model.module))
   score_fn = dynamic.scores_grad2 if score == "grad2" else regularize.fisher
   scores = score_fn(loss_fn, params, frozen, [batches.get(s) for s in range(2)])

@@ -130,6 +130,7 @@ def test_run_directory_contents(tiny_llama_dir, reverse_data, tmp_path):
   summary = train.run(cfg)
   assert sorted(os.listdir(out)) == ["checkpoints", "config.yaml", "loss.png", "metrics.jsonl",
                                      "run.lock", "tensorboard", "train.log"]
+  cfg.data.packing = True  # what data.packing auto chose, as config.yaml records it
   assert config.load(os.path.join(out, "config.yaml")) == cfg
   with open(os.path.join(out, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]

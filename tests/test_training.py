@@ -258,7 +258,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_llama_dir, tmp_path):
   out = tmp_path / "run"
   cfg = _cfg(tiny_llama_dir, out, f"data.train={train_file}", f"data.eval={eval_file}",
              "train.steps=60", "optim.lr=1e-2", "optim.schedule=constant", "eval.every=2",
-             "eval.patience=2")
+             "eval.patience=2", "data.packing=false")  # 16 rows: two batches
   summary = train.run(cfg)
   stopped = summary["stopped_early"]
   evals = {s: r["eval_loss"] for s, r in summary["evals"].items() if s > 0}
@@ -279,7 +279,8 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_llama_dir, tmp_path):
 
 @pytest.mark.slow
 def test_epochs_set_the_number_of_steps(tiny_llama_dir, reverse_data, tmp_path):
-  cfg = _cfg(tiny_llama_dir, tmp_path, f"data.train={reverse_data[0]}", "train.epochs=1.5")
+  cfg = _cfg(tiny_llama_dir, tmp_path, f"data.train={reverse_data[0]}", "train.epochs=1.5",
+             "data.packing=false")
   summary = train.run(cfg)
   assert summary["final_step"] == 12  # 64 examples / 8 per batch = 8 steps per epoch
   assert config.load(str(tmp_path / "config.yaml")).train.steps == 12

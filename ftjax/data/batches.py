@@ -168,7 +168,9 @@ class Batches:
     self.task_counts = _task_counts(self.task_rows, self.tasks, task_weights)
     if len(self.rows) < batch_size:
       rows = f"{len(self.rows)} packed rows" if packing else f"{len(examples)} examples"
-      raise UserError(f"{what} has {rows}, fewer than one batch (train.batch_size={batch_size})")
+      hint = " (data.packing: false puts one example in each row)" if packing else ""
+      raise UserError(f"{what} has {rows}, fewer than one batch (train.batch_size={batch_size})"
+                      f"{hint}")
     if batch_size % process_count:
       raise UserError(f"train.batch_size ({batch_size}) must divide by the number of processes "
                       f"({process_count})")
