@@ -635,7 +635,7 @@ def figure(rows: list[dict], path: str, title: str) -> None:
   left_out = [f"{r['framework']} {r['mode']}" for r in rows if r["noisy"]]
   rows = [r for r in rows if not r["noisy"]]
   fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.2))
-  names = [f"{r['framework']}\n{r['mode']}" for r in rows]
+  names = [r["framework"] + "\n" + r["mode"].replace("+", "\n+") for r in rows]
   values = [r["trained_tokens_per_s"] for r in rows]
   colors = ["tab:blue" if r["framework"] == "ftjax" else "tab:orange" for r in rows]
   bars = ax.bar(names, values, color=colors)
