@@ -582,17 +582,19 @@ LM_FORMATS = ("text", "prompt_completion", "chat")
 
 
 def packing(cfg: Config) -> bool:
-  """`data.packing` resolved (see DataConfig). Where auto asks about the attention kernel it
-  reads the JAX backend, so call it after `jax.distributed` has started."""
+  """`data.packing` resolved (see DataConfig): auto packs unless the format or method would
+  change under packing, or `model.attention` resolves to cuDNN's kernel for unpacked rows (which
+  reads the JAX backend: call it after `jax.distributed` has started)."""
   d = cfg.data
   if d.packing != "auto":
     return d.packing
-  if d.format not in LM_FORMATS or cfg.peft.method == "prompt" or cfg.model.attention == "cudnn":
+  if d.format not in LM_FORMATS or cfg.peft.method == "prompt":
     return False
-  if cfg.model.attention == "xla":
-    return True
-  import jax  # pylint: disable=import-outside-toplevel  (the config itself needs no JAX)
-  return not (jax.default_backend() == "gpu" and cfg.precision.compute != "fp32")
+  # pylint: disable-next=import-outside-toplevel  (the config itself needs no JAX)
+  from ftjax import assembly
+  from ftjax.models import common  # pylint: disable=import-outside-toplevel
+  dtype = assembly.compute_dtype(cfg.precision.compute)
+  return common.attention_impl(cfg.model.attention, dtype, packing=False) != "cudnn"
 
 
 def resolve_adapters(p: PeftConfig) -> None:
