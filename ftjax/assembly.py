@@ -31,14 +31,8 @@ from ftjax.peft.base import Context, Method
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
-
-
-def compute_dtype(name: str):
-  """`precision.compute` as a dtype: auto is fp32 on CPUs (no bf16 speed there), else bf16."""
-  if name == "auto":
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-  return DTYPES[name]
+DTYPES = common.DTYPES
+compute_dtype = common.compute_dtype
 
 
 @dataclasses.dataclass

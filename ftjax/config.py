@@ -591,9 +591,8 @@ def packing(cfg: Config) -> bool:
   if d.format not in LM_FORMATS or cfg.peft.method == "prompt":
     return False
   # pylint: disable-next=import-outside-toplevel  (the config itself needs no JAX)
-  from ftjax import assembly
-  from ftjax.models import common  # pylint: disable=import-outside-toplevel
-  dtype = assembly.compute_dtype(cfg.precision.compute)
+  from ftjax.models import common
+  dtype = common.compute_dtype(cfg.precision.compute)
   return common.attention_impl(cfg.model.attention, dtype, packing=False) != "cudnn"
 
 

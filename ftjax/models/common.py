@@ -17,6 +17,16 @@ import jax.numpy as jnp
 from ftjax.models import layers
 
 
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+def compute_dtype(name: str):
+  """`precision.compute` as a dtype: auto is fp32 on CPUs (no bf16 speed there), else bf16."""
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return DTYPES[name]
+
+
 def attention_impl(choice: str, dtype: Any, packing: bool) -> str:
   """`model.attention` resolved: auto picks cuDNN's flash attention on GPUs in half precision
   when rows hold one example each (no packing), else XLA's."""
