@@ -215,12 +215,17 @@ def test_ten_dpo_steps_follow_trl(models, pair_files, tmp_path):
   assert len(logged) == len(got) == 10
   assert got[-1]["loss"] < got[0]["loss"] - 0.05 and got[-1]["rewards/accuracies"] > 0.5
   for want, have in zip(logged, got):
-    assert abs(have["loss"] - want["loss"]) < 1e-4, (have["step"], have["loss"], want["loss"])
-    # log-probabilities to 1e-5 relative; rewards are beta x differences of such sums (~100)
+    # Rounding differences of the two frameworks' kernels (which differ by CPU) compound step by
+    # step: each step is held to a tolerance that doubles per step from float32 precision (on an
+    # AMD EPYC the loss differs by 4e-7 at step 1 and 1e-4 at step 9; an error in the loss or
+    # its gradient shows at the first steps, orders of magnitude above these).
+    drift = 2.0 ** (have["step"] - 1)
+    assert abs(have["loss"] - want["loss"]) < 2e-6 * drift, (have["step"], have["loss"], want)
     for key in ("logps/chosen", "logps/rejected"):
-      assert abs(have[key] - want[key]) < 1e-5 * abs(want[key]), (have["step"], key)
+      assert abs(have[key] - want[key]) < 1e-6 * drift * abs(want[key]), (have["step"], key)
+    # rewards are beta x differences of such sums (~100)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-      assert abs(have[key] - want[key]) < 1e-3, (have["step"], key)
+      assert abs(have[key] - want[key]) < 1e-4 * drift, (have["step"], key, have[key], want[key])
     if have["step"] > 1:  # at step 1 policy = reference: rewards are 0 up to rounding
       assert have["rewards/accuracies"] == want["rewards/accuracies"]
 
