@@ -10,6 +10,7 @@ like its parameters; batches are split over data x fsdp.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import socket
@@ -66,6 +67,29 @@ def describe(mesh: Mesh) -> str:
   shape = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
   note = f" (of {total}; set mesh sizes, -1 takes the rest)" if used < total else ""
   return f"mesh {shape} on {used} {jax.devices()[0].platform} device(s){note}"
+
+
+def return_compiler_memory() -> None:
+  """After each XLA compilation, hand the heap memory the compiler freed back to the OS (glibc's
+  `malloc_trim`). glibc otherwise keeps it in its arenas, and the first step's buffers come on
+  top: measured 150-170 MB of the peak RSS of full fine-tuning on the dense CPU benchmark model.
+  Installed once per process (by the CLIs); a no-op where the C library is not glibc."""
+  global _TRIM_INSTALLED  # pylint: disable=global-statement
+  if _TRIM_INSTALLED:
+    return
+  try:
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+  except (OSError, AttributeError):
+    return
+
+  def listener(event: str, _secs: float, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      trim(0)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  _TRIM_INSTALLED = True
+
+
+_TRIM_INSTALLED = False
 
 
 # The GPU extras (`pip install -e ".[cuda12]"`) install one of these JAX plugins.

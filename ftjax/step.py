@@ -85,10 +85,16 @@ def train_step(state: TrainState, frozen: dict, batch: dict, context: Any = None
   grads = jax.tree.map(lambda g: g / (denom * state.loss_scale), grads)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+
+  # A branch, not a select of new and old values: the select keeps both the optimizer's
+  # results and the old buffers alive, a copy of the parameters and of each moment (measured:
+  # 190 MB more temporary memory on the dense CPU benchmark model).
+  def update(_):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state, optax.tree.norm(updates)
+
+  skip = lambda _: (state.params, state.opt_state, jnp.zeros((), jnp.float32))
+  params, opt_state, update_norm = jax.lax.cond(finite, update, skip, None)
   loss_scale, good = state.loss_scale, state.good_steps
   if dynamic_scale:
     grow = finite & (good + 1 >= scale_period)
@@ -101,7 +107,7 @@ def train_step(state: TrainState, frozen: dict, batch: dict, context: Any = None
                       bad_run=(state.bad_run + bad) * bad)
   metrics = {**{k: v / denom for k, v in aux.items() if k != "tokens"},
              "loss": loss_sum / denom, "grad_norm": grad_norm,
-             "update_norm": jnp.where(finite, optax.tree.norm(updates), 0.0), "tokens": count,
+             "update_norm": update_norm, "tokens": count,
              "skipped": new.skipped, "bad_run": new.bad_run, "loss_scale": state.loss_scale}
   return new, metrics
 

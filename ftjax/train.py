@@ -164,6 +164,7 @@ def run(cfg: Config) -> RunResult:
           open(os.devnull, "w"))))
     stack.enter_context(metrics.log_file(out_dir, enabled=main))
     logger.info(sharding.describe_backend())
+    sharding.return_compiler_memory()
     if warning := sharding.missing_accelerator():
       logger.warning(warning)
     return _run(cfg)

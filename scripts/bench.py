@@ -238,6 +238,8 @@ def ftjax_worker(args) -> dict:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from ftjax import config, loss, optim, step, tree  # pylint: disable=import-outside-toplevel
 
+  from ftjax import sharding  # pylint: disable=import-outside-toplevel
+  sharding.return_compiler_memory()  # as ftjax.train does
   dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.compute]
   model, params = _ftjax_params(args, args.model_dir)
   module, trainable = model.module, model.trainable
@@ -280,7 +282,6 @@ def ftjax_worker(args) -> dict:
   result = timed_steps(one, args)
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
-  from ftjax import sharding  # pylint: disable=import-outside-toplevel
   frozen_leaves = tree.flatten(frozen).values()
   info["frozen_device_mib"] = sharding.device_bytes(frozen) / 2**20
   info["frozen_bf16_mib"] = sum(2 * int(np.prod(v.shape)) for v in frozen_leaves) / 2**20

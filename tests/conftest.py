@@ -12,6 +12,11 @@ os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 # Tokenised data and datasets' own arrow files go to a cache of this test session, not ~/.cache.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="ftjax-test-datasets-")
+# Many tests (and the CLI runs they start as subprocesses) compile the same programs for the same
+# tiny models: JAX's persistent cache, shared by the session's processes (xdist workers inherit
+# the controller's environment), compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ftjax-test-jit-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
