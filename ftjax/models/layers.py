@@ -368,8 +368,8 @@ def dot_product_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
 # heads are one (G*L, D) matrix, so every product is a plain batched matmul. On XLA:CPU this is
 # faster than differentiating the einsums (measured: 147 -> 92 ms per layer, forward and
 # backward, on the benchmark model). The backward pass recomputes the probabilities from the
-# saved log-sum-exp instead of keeping them (B x H x L x S fp32 per layer: 128 MB of the dense
-# CPU benchmark's 2.5 GB peak, for one extra Q.K^T product, <1% of the step's FLOPs).
+# saved row maxima and sums instead of keeping them (B x H x L x S fp32 per layer: 128 MB of
+# the dense CPU benchmark's 2.5 GB peak, for one more Q.K^T product, <1% of the step's FLOPs).
 def _grouped(x_BxLxHxD: jax.Array, kv: int) -> jax.Array:
   b, l, h, d = x_BxLxHxD.shape
   return x_BxLxHxD.reshape(b, l, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, -1, d)
@@ -382,13 +382,13 @@ def _ungrouped(x_BxKxGLxD: jax.Array, l: int) -> jax.Array:
 
 
 def _scores(q_BxKxGLxD, k_BxKxSxD, mask_Bx1xLxS):
-  """Masked fp32 scores (B, K, G*L, S) of grouped queries."""
+  """Masked fp32 scores (B, K, G*L, S) of grouped queries, and the mask as (B, 1, G*L, S)."""
   b, _, gl, d = q_BxKxGLxD.shape
   l, s = mask_Bx1xLxS.shape[-2:]
   scores = jnp.matmul(q_BxKxGLxD, k_BxKxSxD.transpose(0, 1, 3, 2),
                       preferred_element_type=jnp.float32) / math.sqrt(d)
-  mask = jnp.broadcast_to(mask_Bx1xLxS[:, :, None], (b, 1, gl // l, l, s))
-  return jnp.where(mask.reshape(b, 1, gl, s), scores, NEG_INF)
+  mask = jnp.broadcast_to(mask_Bx1xLxS[:, :, None], (b, 1, gl // l, l, s)).reshape(b, 1, gl, s)
+  return jnp.where(mask, scores, NEG_INF), mask
 
 
 @jax.custom_vjp
@@ -401,21 +401,23 @@ def _attention_fwd(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xLxS):
   kv = k_BxSxKxD.shape[2]
   q = _grouped(q_BxLxHxD, kv)  # B, K, G*L, D
   k, v = k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3)  # B, K, S, D
-  scores = _scores(q, k, mask_Bx1xLxS)
-  lse = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
-  out = jnp.matmul(jnp.exp(scores - lse).astype(v.dtype), v)
-  return _ungrouped(out, l).astype(q_BxLxHxD.dtype), (q, k, v, mask_Bx1xLxS, lse)
+  scores, _ = _scores(q, k, mask_Bx1xLxS)
+  top = jnp.max(scores, axis=-1, keepdims=True)
+  total = jnp.sum(jnp.exp(scores - top), axis=-1, keepdims=True)
+  out = jnp.matmul((jnp.exp(scores - top) / total).astype(v.dtype), v)
+  return _ungrouped(out, l).astype(q_BxLxHxD.dtype), (q, k, v, mask_Bx1xLxS, top, total)
 
 
 def _attention_bwd(residuals, dout_BxLxHxD):
-  q, k, v, mask, lse = residuals
+  q, k, v, mask, top, total = residuals
   l, d = dout_BxLxHxD.shape[1], q.shape[-1]
-  probs = jnp.exp(_scores(q, k, mask) - lse)  # fp32, as the forward pass had them
+  scores, mask = _scores(q, k, mask)
+  probs = jnp.exp(scores - top) / total  # fp32, as the forward pass had them
   dout = _grouped(dout_BxLxHxD, k.shape[1]).astype(v.dtype)
   dv = jnp.matmul(probs.astype(v.dtype).transpose(0, 1, 3, 2), dout)
   dprobs = jnp.matmul(dout, v.transpose(0, 1, 3, 2), preferred_element_type=jnp.float32)
   dscores = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True)) / math.sqrt(d)
-  dscores = dscores.astype(q.dtype)
+  dscores = jnp.where(mask, dscores, 0.0).astype(q.dtype)  # masked scores were constants
   dq = _ungrouped(jnp.matmul(dscores, k), l)
   dk = jnp.matmul(dscores.transpose(0, 1, 3, 2), q).transpose(0, 2, 1, 3)
   return dq, dk.astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype), None
