@@ -297,9 +297,8 @@ def _imports(path: str, module: str, modules: set[str]) -> set[str]:
 
 
 def test_attention_backward_equals_autodiff_of_softmax_attention():
-  """The hand-written attention (probabilities recomputed in the backward pass from the saved
-  row maxima and sums) against autodiff of the plain softmax einsums: grouped heads, packed
-  segments and fully masked (padding) rows, whose outputs are weighted too."""
+  """The hand-written attention backward against autodiff of the plain softmax einsums: grouped
+  heads, packed segments and fully masked (padding) rows, whose outputs are weighted too."""
   from ftjax.models import layers  # pylint: disable=import-outside-toplevel
 
   b, l, h, kv, d = 2, 6, 4, 2, 8

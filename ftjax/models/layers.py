@@ -365,11 +365,12 @@ def dot_product_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
 
 
 # Attention without dropout, with a hand-written backward pass: each key/value head's G query
-# heads are one (G*L, D) matrix, so every product is a plain batched matmul. On XLA:CPU this is
-# faster than differentiating the einsums (measured: 147 -> 92 ms per layer, forward and
-# backward, on the benchmark model). The backward pass recomputes the probabilities from the
-# saved row maxima and sums instead of keeping them (B x H x L x S fp32 per layer: 128 MB of
-# the dense CPU benchmark's 2.5 GB peak, for one more Q.K^T product, <1% of the step's FLOPs).
+# heads are one (G*L, D) matrix, so every product is a plain batched matmul, and the backward
+# pass reuses the saved probabilities. On XLA:CPU this is faster than differentiating the
+# einsums (measured: 147 -> 92 ms per layer, forward and backward, on the benchmark model).
+# Recomputing the probabilities in the backward pass instead (from saved row maxima and sums)
+# was measured too: XLA's temporary memory for the dense CPU benchmark's step stayed at 1188 MiB,
+# so it would only add a Q.K^T product.
 def _grouped(x_BxLxHxD: jax.Array, kv: int) -> jax.Array:
   b, l, h, d = x_BxLxHxD.shape
   return x_BxLxHxD.reshape(b, l, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, -1, d)
@@ -401,18 +402,15 @@ def _attention_fwd(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xLxS):
   kv = k_BxSxKxD.shape[2]
   q = _grouped(q_BxLxHxD, kv)  # B, K, G*L, D
   k, v = k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3)  # B, K, S, D
-  scores, _ = _scores(q, k, mask_Bx1xLxS)
-  top = jnp.max(scores, axis=-1, keepdims=True)
-  total = jnp.sum(jnp.exp(scores - top), axis=-1, keepdims=True)
-  out = jnp.matmul((jnp.exp(scores - top) / total).astype(v.dtype), v)
-  return _ungrouped(out, l).astype(q_BxLxHxD.dtype), (q, k, v, mask_Bx1xLxS, top, total)
+  scores, mask = _scores(q, k, mask_Bx1xLxS)
+  probs = jax.nn.softmax(scores, axis=-1)  # fp32
+  out = jnp.matmul(probs.astype(v.dtype), v)
+  return _ungrouped(out, l).astype(q_BxLxHxD.dtype), (q, k, v, mask, probs)
 
 
 def _attention_bwd(residuals, dout_BxLxHxD):
-  q, k, v, mask, top, total = residuals
+  q, k, v, mask, probs = residuals
   l, d = dout_BxLxHxD.shape[1], q.shape[-1]
-  scores, mask = _scores(q, k, mask)
-  probs = jnp.exp(scores - top) / total  # fp32, as the forward pass had them
   dout = _grouped(dout_BxLxHxD, k.shape[1]).astype(v.dtype)
   dv = jnp.matmul(probs.astype(v.dtype).transpose(0, 1, 3, 2), dout)
   dprobs = jnp.matmul(dout, v.transpose(0, 1, 3, 2), preferred_element_type=jnp.float32)
