@@ -73,7 +73,7 @@ def return_compiler_memory() -> None:
   """After each XLA compilation, hand the heap memory the compiler freed back to the OS (glibc's
   `malloc_trim`). glibc otherwise keeps it in its arenas, and the first step's buffers come on
   top: measured 150-170 MB of the peak RSS of full fine-tuning on the dense CPU benchmark model.
-  Installed once per process (by the CLIs); a no-op where the C library is not glibc."""
+  Installed once per process (by `ftjax.train`); a no-op where the C library is not glibc."""
   global _TRIM_INSTALLED  # pylint: disable=global-statement
   if _TRIM_INSTALLED:
     return
