@@ -287,8 +287,8 @@ def plan(model_dir: str, peft_config: Optional[PeftConfig] = None, *, trainable:
   spec = peft.build_spec(cfg, base_paths, model_cfg, family)
   peft.check_context(spec, seq_len, getattr(model_cfg, "max_positions", None)
                      or hf_cfg.get("max_position_embeddings"), model_dir)
-  module = base.clone(peft=spec, remat=remat,
-                      attention=common.attention_impl(attention, dtype, packing=False))
+  module = base.clone(peft=spec, remat=remat, attention=common.attention_impl(
+      attention, dtype, packing=False, softcap=getattr(model_cfg, "attn_softcap", None)))
   shapes = tree.flatten(hf.abstract_params(module))
   heads = {p for p in shapes if family.is_classifier(p)}
   chosen = _trainable(cfg, trainable, rules, base_paths, shapes, heads, family)

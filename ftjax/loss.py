@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import tree
+from ftjax.models.layers import soft_cap
 from ftjax.peft import multi
 from ftjax.quant import QuantKernel
 
@@ -84,6 +85,7 @@ class ChunkedLoss:
   dtype: Any = jnp.float32  # the compute dtype of the head matmul
   kernel_grad: bool = True  # False when the output head is frozen (its gradient is skipped)
   columns: tuple = ()  # a frozen head's columns whose gradient is still needed (new tokens)
+  softcap: Optional[float] = None  # the model's final-logit soft-cap (Gemma)
 
 
 def chunked_loss(module, dtype: Any, trainable: set, chunk: int = 0) -> Optional[ChunkedLoss]:
@@ -120,12 +122,14 @@ def chunked_loss(module, dtype: Any, trainable: set, chunk: int = 0) -> Optional
       kernel = kernel.at[:, jnp.asarray(ids)].set(flat[leaf].T.astype(kernel.dtype))
     return h, kernel
   return ChunkedLoss(hidden_fn, chunk, dtype, kernel_grad=path in trainable,
-                     columns=() if path in trainable else ids)
+                     columns=() if path in trainable else ids,
+                     softcap=getattr(module.cfg, "logit_softcap", None))
 
 
 def chunked_token_losses(h_BxLxD: jax.Array, kernel_DxV: jax.Array, batch: dict, chunk: int,
                          dtype: Any = jnp.float32, kernel_grad: bool = True,
-                         columns: tuple = ()) -> tuple[jax.Array, jax.Array]:
+                         columns: tuple = (), softcap: Optional[float] = None
+                         ) -> tuple[jax.Array, jax.Array]:
   """The summed next-token loss and the trained-token count of `token_losses`, from the final
   hidden states and the output head, about `chunk` positions at a time: one chunk's fp32 logits
   exist at a time, never the batch's (see `_chunked_nll`).
@@ -152,35 +156,38 @@ def chunked_token_losses(h_BxLxD: jax.Array, kernel_DxV: jax.Array, batch: dict,
   h, targets, weights = (jnp.moveaxis(x.reshape(b, n, per_row, *x.shape[2:]), 1, 0)
                          for x in (h, targets, weights))
   return (_chunked_nll(h, kernel_DxV, targets, weights, jnp.dtype(dtype), kernel_grad,
-                       tuple(columns)), weights.sum())
+                       tuple(columns), softcap), weights.sum())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _chunked_nll(h_CxBxPxD, kernel_DxV, targets_CxBxP, weights_CxBxP, dtype, kernel_grad=True,
-                 columns=()):
+                 columns=(), softcap=None):
   return _chunked_nll_fwd(h_CxBxPxD, kernel_DxV, targets_CxBxP, weights_CxBxP, dtype,
-                          kernel_grad, columns)[0]
+                          kernel_grad, columns, softcap)[0]
 
 
 def _chunked_nll_fwd(h_CxBxPxD, kernel_DxV, targets_CxBxP, weights_CxBxP, dtype,
-                     kernel_grad=True, columns=()):
+                     kernel_grad=True, columns=(), softcap=None):
   """Loss and both gradients in one pass over the C chunks (each B rows x P positions): each
   chunk's softmax gives its logit gradient at once, so the backward pass only scales what the
   forward pass accumulated (no logits are recomputed or kept). A chunk with no trained position
   is skipped (`lax.cond`: no matmul, no softmax). Without `kernel_grad` (a frozen head) the
   head's gradient is not computed (it comes back as zeros), except for the `columns` asked for
-  (new tokens' rows trained apart: k columns, h.T @ their logit gradients)."""
+  (new tokens' rows trained apart: k columns, h.T @ their logit gradients). With `softcap` the
+  logits are softcap·tanh(h·W / softcap) (Gemma), and the gradient goes through the tanh."""
   d = h_CxBxPxD.shape[-1]
   kernel = kernel_DxV.astype(dtype)
   cols = jnp.asarray(columns, jnp.int32)
 
   def piece(dk, xs):
     h_c, t_c, w_c = (x.reshape(-1, *x.shape[2:]) for x in xs)  # (B*P, ...)
-    logits = jnp.dot(h_c.astype(dtype), kernel).astype(jnp.float32)
+    logits = soft_cap(jnp.dot(h_c.astype(dtype), kernel).astype(jnp.float32), softcap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     nll = lse - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
     probs = jnp.exp(logits - lse[:, None])
     dlogits = (probs - jax.nn.one_hot(t_c, logits.shape[-1], dtype=jnp.float32)) * w_c[:, None]
+    if softcap:  # through cap·tanh(z/cap): 1 - tanh² = 1 - (logits/cap)²
+      dlogits = dlogits * (1.0 - jnp.square(logits / softcap))
     dlogits = dlogits.astype(dtype)
     dh = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)
     if kernel_grad:
@@ -207,8 +214,8 @@ def _chunked_nll_fwd(h_CxBxPxD, kernel_DxV, targets_CxBxP, weights_CxBxP, dtype,
   return jnp.sum(sums), (dh.astype(h_CxBxPxD.dtype), dk)
 
 
-def _chunked_nll_bwd(dtype, kernel_grad, columns, residuals, g):
-  del dtype
+def _chunked_nll_bwd(dtype, kernel_grad, columns, softcap, residuals, g):
+  del dtype, softcap
   dh, dk = residuals
   kernel_grad = kernel_grad or bool(columns)
   dk = (g * dk).astype(dk.dtype) if kernel_grad else None  # None: a zero cotangent
@@ -255,7 +262,7 @@ def chunked_cross_entropy(chunked: ChunkedLoss) -> LossFn:
     del context
     h, kernel = chunked.hidden_fn(params, batch, rng)
     nll_sum, count = chunked_token_losses(h, kernel, batch, chunked.chunk, chunked.dtype,
-                                          chunked.kernel_grad, chunked.columns)
+                                          chunked.kernel_grad, chunked.columns, chunked.softcap)
     return nll_sum, {"tokens": count}
   return loss_fn
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import assembly, data, loss, peft, sharding, tree
+from ftjax.models.layers import soft_cap
 from ftjax.config import Config, PreferenceConfig, UserError
 
 logger = logging.getLogger(__name__)
@@ -55,9 +56,10 @@ LogpsFn = Callable[..., dict]  # (params, batch, rng or None) -> per-row sums, s
 
 
 def _position_logps(h_NxD: jax.Array, kernel_DxV: jax.Array, targets_N: jax.Array, chunk: int,
-                    dtype: Any) -> jax.Array:
-  """log p(target) at each position, `chunk` positions at a time; each chunk's logits are
-  recomputed in the backward pass rather than kept."""
+                    dtype: Any, softcap: Optional[float] = None) -> jax.Array:
+  """log p(target) at each position, `chunk` positions at a time (logits soft-capped by
+  `softcap` where the model caps them); each chunk's logits are recomputed in the backward pass
+  rather than kept."""
   n, d = h_NxD.shape
   chunk = min(chunk, -(-n // 8) * 8)  # no padding beyond the positions there are
   pad = -n % chunk
@@ -67,7 +69,7 @@ def _position_logps(h_NxD: jax.Array, kernel_DxV: jax.Array, targets_N: jax.Arra
 
   def piece(_, xs):
     h_c, t_c = xs
-    logits = jnp.dot(h_c.astype(dtype), kernel).astype(jnp.float32)
+    logits = soft_cap(jnp.dot(h_c.astype(dtype), kernel).astype(jnp.float32), softcap)
     picked = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
     return None, picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -102,7 +104,7 @@ def sequence_logps(module: Any, dtype: Any = jnp.float32, chunk: int = 0) -> Log
       h, kernel = chunked.hidden_fn(params, batch, rng)
       b, l, d = h.shape
       logp = _position_logps(h[:, :-1].reshape(-1, d), kernel, targets.reshape(-1),
-                             chunked.chunk, chunked.dtype).reshape(b, l - 1)
+                             chunked.chunk, chunked.dtype, chunked.softcap).reshape(b, l - 1)
     return row_sums(logp, batch)
   return fn
 

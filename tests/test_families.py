@@ -17,7 +17,8 @@ CASES = {  # name: (family, classifier)
     "gpt2": ("gpt2", False), "gpt2_classifier": ("gpt2", True),
     "bert": ("bert", False), "bert_classifier": ("bert", True),
     "llama_classifier": ("llama", True), "qwen2_classifier": ("qwen2", True),
-    "qwen3_classifier": ("qwen3", True),
+    "qwen3_classifier": ("qwen3", True), "gemma2_classifier": ("gemma2", True),
+    "gemma3_classifier": ("gemma3", True),
 }
 
 
@@ -128,7 +129,8 @@ def _classifier_logits_ftjax(run_dir, texts, tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,method", [("llama", "lora"), ("bert", "none"), ("gpt2", "lora")])
+@pytest.mark.parametrize("family,method", [("llama", "lora"), ("bert", "none"), ("gpt2", "lora"),
+                                           ("gemma3", "lora")])
 def test_classifier_trains_and_exports_load_in_transformers(family, method, tmp_path):
   model_dir = str(tmp_path / "model")
   tiny.save_model(model_dir, family)

@@ -22,6 +22,8 @@ CASES = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}, "rope_theta": 500000.0}),
     "head_dim_and_biases": ("llama", {"head_dim": 24, "attention_bias": True, "mlp_bias": True}),
+    "gemma2_softcaps_alternating_windows": ("gemma2", {}),
+    "gemma3_local_global_rope_scaling": ("gemma3", {}),
 }
 
 
@@ -56,8 +58,9 @@ def test_logits_match_transformers(case, tmp_path):
       model, tokens[1:2, :13], np.ones((1, 13), np.int32), positions[:1, :13])[0], atol=1e-5)
 
 
-def test_left_padding_with_positions_matches_transformers(tmp_path):
-  torch_model = tiny.save_model(str(tmp_path), "llama")
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+def test_left_padding_with_positions_matches_transformers(family, tmp_path):
+  torch_model = tiny.save_model(str(tmp_path), family)
   model = hf.load(str(tmp_path))
   tokens = np.random.default_rng(1).integers(3, 320, size=(2, 12)).astype(np.int32)
   mask = np.ones_like(tokens)
@@ -71,8 +74,9 @@ def test_left_padding_with_positions_matches_transformers(tmp_path):
   np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
 
 
-def test_bf16_compute_within_bf16_tolerance(tmp_path):
-  torch_model = tiny.save_model(str(tmp_path), "llama")
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_bf16_compute_within_bf16_tolerance(family, tmp_path):
+  torch_model = tiny.save_model(str(tmp_path), family)
   model = hf.load(str(tmp_path), dtype=jnp.bfloat16)
   tokens = np.random.default_rng(2).integers(3, 320, size=(2, 16)).astype(np.int32)
   with torch.no_grad():
@@ -86,8 +90,11 @@ def test_bf16_compute_within_bf16_tolerance(tmp_path):
 
 
 @pytest.mark.slow
-def test_greedy_generation_matches_transformers(tmp_path):
-  torch_model = tiny.save_model(str(tmp_path), "qwen2")
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3"])
+def test_greedy_generation_matches_transformers(family, tmp_path):
+  """Greedy decoding with the KV cache; the Gemma models' sliding layers (window 5) see their
+  window move past the prompt while decoding."""
+  torch_model = tiny.save_model(str(tmp_path), family)
   model = hf.load(str(tmp_path))
   prompts = [[1, 40, 41, 42, 43, 44], [1, 50, 51]]
   ours = generate.greedy(model.module, model.params, prompts, max_new_tokens=8)

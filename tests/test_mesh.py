@@ -12,6 +12,7 @@ import pytest
 import yaml
 from jax.sharding import PartitionSpec as P
 
+import tiny
 from conftest import REPO
 from ftjax import config, hf, sharding, train, tree
 
@@ -40,6 +41,22 @@ def test_every_mesh_gives_the_same_losses(method, tiny_llama_dir, reverse_data, 
                                atol=1e-5, err_msg=str(mesh))
   sharded = runs[(1, 2, 4)]["memory"]
   assert sharded["params"] < sharded["params_total"] / 2  # split, not replicated
+
+
+@pytest.mark.slow
+def test_gemma2_gives_the_same_losses_on_fsdp_and_tensor_meshes(reverse_data, tmp_path):
+  """Gemma 2 (soft-capped attention and logits, alternating windows, tied head, head_dim apart
+  from hidden / heads) sharded over fsdp and tensor axes trains as on one device."""
+  model_dir = str(tmp_path / "gemma2")
+  tiny.save_model(model_dir, "gemma2")
+  meshes = [(1, 1, 1), (1, 8, 1), (1, 2, 4), (2, 2, 2)]
+  runs = {m: train.run(_cfg(model_dir, reverse_data[0], tmp_path / "x".join(map(str, m)), m))
+          for m in meshes}
+  want = [runs[meshes[0]]["losses"][s] for s in (1, 2, 3)]
+  assert want[2] < want[0]
+  for mesh in meshes[1:]:
+    np.testing.assert_allclose([runs[mesh]["losses"][s] for s in (1, 2, 3)], want, rtol=1e-5,
+                               atol=1e-5, err_msg=str(mesh))
 
 
 @pytest.mark.slow

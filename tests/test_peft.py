@@ -98,7 +98,9 @@ def _peft_config(kind):
     ("lora_rslora", "llama"), ("dora", "llama"), ("lora_head", "qwen2"), ("prefix", "llama"),
     ("prefix_projection", "llama"), ("prefix", "mistral"), ("prompt", "llama"),
     ("lora_conv1d", "gpt2"), ("prefix", "gpt2"), ("prompt", "gpt2"), ("lora_rslora", "qwen3"),
-    ("ia3", "llama"), ("ia3_all", "qwen2"), ("ia3", "qwen3"), ("ia3_conv1d", "gpt2")])
+    ("ia3", "llama"), ("ia3_all", "qwen2"), ("ia3", "qwen3"), ("ia3_conv1d", "gpt2"),
+    ("lora_rslora", "gemma2"), ("dora", "gemma3"), ("prefix", "gemma2"), ("prompt", "gemma3"),
+    ("ia3_all", "gemma2")])
 def test_hf_peft_adapter_loads_with_matching_logits(kind, family, tmp_path):
   model_dir, adapter_dir = str(tmp_path / "model"), str(tmp_path / "adapter")
   tiny.save_model(model_dir, family)
@@ -401,9 +403,13 @@ def test_tied_embeddings_trained_with_lora_export_to_peft(tmp_path):
     ("qwen3", ["peft.method=lora", "peft.lora.targets=[q_proj, k_proj, up_proj]"]),
     ("gpt2", ["peft.method=ia3", "peft.ia3.targets=[c_attn, mlp/c_proj]",
               "peft.ia3.feedforward=[mlp/c_proj]", "optim.lr=5e-2"]),
-], ids=["qwen3_lora", "gpt2_ia3"])
+    ("gemma2", ["peft.method=lora", "peft.lora.targets=[all-linear]"]),
+    ("gemma3", ["peft.method=lora", "peft.lora.targets=[q_proj, v_proj, gate_proj, down_proj]",
+                "peft.trainable=[q_norm]"]),
+], ids=["qwen3_lora", "gpt2_ia3", "gemma2_lora", "gemma3_lora_qk_norms"])
 def test_round_trip_through_hf_peft(family, words, tmp_path):
-  """Train, export to PEFT (PEFT's loss = the run's), load the export back (same logits)."""
+  """Train, export to PEFT (PEFT's loss = the run's), load the export back (same logits); the
+  merged `--to hf` export loads in transformers with the run's loss too."""
   model_dir = str(tmp_path / "model")
   tiny.save_model(model_dir, family)
   files = (tiny.write_jsonl(str(tmp_path / "train.jsonl"), tiny.reverse_records(32)),
@@ -423,6 +429,10 @@ def test_round_trip_through_hf_peft(family, words, tmp_path):
   want, _ = _ftjax_logits(again, trained)
   assert np.abs(ours[real] - want[real]).max() < 1e-4
   assert np.abs(ours[real] - _torch_logits(pm)[real]).max() < 1e-4
+  merged = transformers.AutoModelForCausalLM.from_pretrained(
+      export.export(summary["output_dir"], "hf", str(tmp_path / "merged"))).eval()
+  assert abs(_torch_eval_loss(merged, cfg, hf.load_tokenizer(model_dir))
+             - summary["after"]["eval_loss"]) < 1e-4
 
 
 @pytest.mark.slow

@@ -104,7 +104,21 @@ def _check_grads(ours: dict, torch_model, family) -> None:
 @pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0),
                                                  ("robust", 0.2)])
 def test_dpo_losses_metrics_and_grads_equal_trl(models, loss_type, smoothing, tmp_path):
-  policy_dir, ref_dir = models
+  _check_against_trl(*models, loss_type, smoothing, tmp_path)
+
+
+@pytest.mark.slow
+def test_dpo_on_gemma2_equals_trl(tmp_path):
+  """Gemma 2's soft-capped logits go through the chunked log-probabilities (and their
+  gradients) as through TRL's whole logits."""
+  policy, ref = str(tmp_path / "policy"), str(tmp_path / "ref")
+  tiny.save_model(policy, "gemma2", seed=0)
+  tiny.save_model(ref, "gemma2", seed=1)
+  _check_against_trl(policy, ref, "sigmoid", 0.0, tmp_path)
+
+
+def _check_against_trl(policy_dir, ref_dir, loss_type, smoothing, tmp_path):
+  """ftjax's DPO loss, metrics and gradients (chunked log-probabilities) against TRL's."""
   records = pair_records(4)
   examples = _pairs(policy_dir, records)
   p = PreferenceConfig(loss=loss_type, beta=0.3, label_smoothing=smoothing)

@@ -12,6 +12,7 @@ import pytest
 
 import ftjax as fj
 from ftjax import loss, models, optim, sharding, step, tree
+from ftjax.models import common, layers
 from ftjax.config import LrGroup, MeshConfig, OptimConfig, UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,11 +155,14 @@ def test_token_losses_equal_a_hand_computed_cross_entropy():
   assert float(weights.sum()) == float((batch["segment_ids"][:, 1:]).sum())
 
 
-def test_chunked_cross_entropy_equals_whole_logits_in_value_and_gradient():
+@pytest.mark.parametrize("softcap", [None, 0.5])
+def test_chunked_cross_entropy_equals_whole_logits_in_value_and_gradient(softcap):
+  """Also with Gemma's final-logit soft-cap (0.5 bends every logit: far from tanh's linear
+  range), whose gradient the chunked head computes by hand."""
   params, batch = _params(), _batch(rows=3, length=9)
   hidden = lambda p, b, rng=None: (jax.nn.one_hot(b["tokens"], V) @ p["embed"], p["head"])
-  whole = loss.cross_entropy(_apply)
-  chunked = loss.chunked_cross_entropy(loss.ChunkedLoss(hidden, chunk=5))
+  whole = loss.cross_entropy(lambda p, b, rng=None: layers.soft_cap(_apply(p, b), softcap))
+  chunked = loss.chunked_cross_entropy(loss.ChunkedLoss(hidden, chunk=5, softcap=softcap))
   (l1, a1), g1 = jax.value_and_grad(whole, has_aux=True)(params, batch)
   (l2, a2), g2 = jax.value_and_grad(chunked, has_aux=True)(params, batch)
   assert float(l1) == pytest.approx(float(l2), rel=1e-6) and float(a1["tokens"]) == a2["tokens"]
@@ -296,11 +300,12 @@ def _imports(path: str, module: str, modules: set[str]) -> set[str]:
   return {m for m in out if m in modules and m != module}
 
 
-def test_attention_backward_equals_autodiff_of_softmax_attention():
+@pytest.mark.parametrize("scale,softcap", [(None, None), (0.2, 0.5)])
+def test_attention_backward_equals_autodiff_of_softmax_attention(scale, softcap):
   """The hand-written attention backward against autodiff of the plain softmax einsums: grouped
-  heads, packed segments and fully masked (padding) rows, whose outputs are weighted too."""
-  from ftjax.models import layers  # pylint: disable=import-outside-toplevel
-
+  heads, packed segments and fully masked (padding) rows, whose outputs are weighted too; with
+  Gemma's score scale and soft-capping (a cap of 0.5 bends every score: tanh is far from
+  linear there)."""
   b, l, h, kv, d = 2, 6, 4, 2, 8
   q, k, v, w = (jax.random.normal(jax.random.PRNGKey(i), s) for i, s in enumerate(
       [(b, l, h, d), (b, l, kv, d), (b, l, kv, d), (b, l, h, d)]))
@@ -309,12 +314,23 @@ def test_attention_backward_equals_autodiff_of_softmax_attention():
   mask = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0) & causal)[:, None]
 
   def objective(dropout):
-    return lambda q, k, v: jnp.sum(w * layers.dot_product_attention(q, k, v, mask, dropout))
+    return lambda q, k, v: jnp.sum(w * layers.dot_product_attention(q, k, v, mask, dropout,
+                                                                    scale, softcap))
   ours = jax.value_and_grad(objective(None), argnums=(0, 1, 2))(q, k, v)
   plain = jax.value_and_grad(objective(lambda p: p), argnums=(0, 1, 2))(q, k, v)  # einsum path
   np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6)
   for a, e in zip(ours[1], plain[1]):
     np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_cudnn_attention_gives_way_to_xla_where_scores_are_soft_capped(caplog):
+  assert common.attention_impl("cudnn", jnp.bfloat16, packing=False) == "cudnn"
+  with caplog.at_level("WARNING"):
+    assert common.attention_impl("cudnn", jnp.bfloat16, packing=False, softcap=12.5) == "xla"
+    assert common.attention_impl("cudnn", jnp.bfloat16, packing=False, softcap=12.5) == "xla"
+  said = [r.getMessage() for r in caplog.records if "soft-cap" in r.getMessage()]
+  assert len(said) == 1 and "12.5" in said[0]  # once
+  assert common.attention_impl("xla", jnp.bfloat16, packing=False, softcap=50.0) == "xla"
 
 
 def test_imports_are_acyclic():

@@ -18,6 +18,8 @@ _LLAMA = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
               rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
               pad_token_id=0)
+_GEMMA = {**_LLAMA, "head_dim": 24, "query_pre_attn_scalar": 16, "sliding_window": 5,
+          "initializer_range": 0.1, "tie_word_embeddings": True}
 # family: (config class, causal-LM (or base) class, classifier class, config kwargs)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification", _LLAMA),
@@ -26,6 +28,17 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", _LLAMA),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification",
               {**_LLAMA, "head_dim": 24}),
+    # Gemma: head_dim apart from hidden/heads, a window shorter than the test sequences, a query
+    # scale apart from head_dim, weights large enough (and caps small enough) that every cap
+    # bends the scores and logits far beyond the parity tolerance.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification",
+               {**_GEMMA, "attn_logit_softcapping": 1.0, "final_logit_softcapping": 3.0}),
+    # Six layers: five sliding, one global (the 5:1 pattern); the global layer's RoPE has its own
+    # base and linear scaling.
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification",
+               {**_GEMMA, "num_hidden_layers": 6, "rope_theta": 1000000.0,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                "final_logit_softcapping": 3.0}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", "GPT2ForSequenceClassification",
              dict(vocab_size=320, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)),

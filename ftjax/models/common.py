@@ -8,6 +8,8 @@ module's scope under fixed names: `prompt`, `prefix`, `score`.
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -15,6 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.models import layers
+
+logger = logging.getLogger(__name__)
 
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -27,13 +31,24 @@ def compute_dtype(name: str):
   return DTYPES[name]
 
 
-def attention_impl(choice: str, dtype: Any, packing: bool) -> str:
+def attention_impl(choice: str, dtype: Any, packing: bool,
+                   softcap: Optional[float] = None) -> str:
   """`model.attention` resolved: auto picks cuDNN's flash attention on GPUs in half precision
-  when rows hold one example each (no packing), else XLA's."""
-  if choice != "auto":
-    return choice
-  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return "cudnn" if jax.default_backend() == "gpu" and half and not packing else "xla"
+  when rows hold one example each (no packing), else XLA's. cuDNN's kernel cannot soft-cap
+  attention scores (`softcap`: Gemma 2), so such a model runs XLA's, and the run says so once."""
+  if choice == "auto":
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    choice = "cudnn" if jax.default_backend() == "gpu" and half and not packing else "xla"
+  if choice == "cudnn" and softcap:
+    _say_once(f"model.attention: cuDNN's flash attention cannot soft-cap attention scores "
+              f"(this model caps them at {softcap}); XLA's attention runs instead")
+    return "xla"
+  return choice
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+  logger.warning(message)
 
 
 def soft_prompt(module, h_BxLxD: jax.Array, positions_BxL: jax.Array,

@@ -12,6 +12,7 @@ gradient about twice as fast when only one batch-like dimension must be contract
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -172,19 +173,22 @@ class Embed(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """x / rms(x) * scale, computed in fp32 (as HF's LlamaRMSNorm does)."""
+  """x / rms(x) * scale, computed in fp32 (as HF's LlamaRMSNorm does); with `unit_offset` the
+  stored weight is an offset from 1 (x / rms(x) * (1 + w), initialised to 0: Gemma)."""
 
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  unit_offset: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), self.param_dtype)
+    init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)),
+                       (x.shape[-1],), self.param_dtype).astype(jnp.float32)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (scale.astype(jnp.float32) * x32).astype(self.dtype)
+    return ((1.0 + scale if self.unit_offset else scale) * x32).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -296,10 +300,12 @@ def dropout(module: nn.Module, rate: float, x: jax.Array) -> jax.Array:
 
 
 def attend(module: nn.Module, q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Array,
-           mask, kv_cache=None, cache_index=None, prefix_kv=None, dropout_rate: float = 0.0):
+           mask, kv_cache=None, cache_index=None, prefix_kv=None, dropout_rate: float = 0.0,
+           scale: Optional[float] = None, softcap: Optional[float] = None):
   """Attention as every family's attention layer runs it: this call's keys and values are
   written into the KV cache at `cache_index` (when decoding), prefix-tuning keys and values
   (2, m, kv_heads, head_dim) are put in front, and the probabilities get dropout in training.
+  `scale` and `softcap`: see `dot_product_attention`.
   Returns (output BxLxHxD, the updated cache or None)."""
   k, v = k_BxLxKxD, v_BxLxKxD
   if kv_cache is not None:
@@ -316,7 +322,7 @@ def attend(module: nn.Module, q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLx
   drop = None
   if dropout_rate and module.has_rng("dropout"):
     drop = nn.Dropout(dropout_rate, deterministic=False)
-  return dot_product_attention(q_BxLxHxD, k, v, mask, drop), kv_cache
+  return dot_product_attention(q_BxLxHxD, k, v, mask, drop, scale, softcap), kv_cache
 
 
 class FullHeads:
@@ -333,27 +339,31 @@ class FullHeads:
 
 def dot_product_attention(q_BxLxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
                           mask_Bx1xLxS: jax.Array | FusedMask,
-                          dropout: Optional[Callable] = None) -> jax.Array:
+                          dropout: Optional[Callable] = None, scale: Optional[float] = None,
+                          softcap: Optional[float] = None) -> jax.Array:
   """Grouped-query attention: H query heads share K key/value heads (H % K == 0); `dropout`,
-  when given, applies to the attention probabilities (training). A `FusedMask` runs cuDNN's
-  flash attention (no dropout; the probabilities are never materialised)."""
+  when given, applies to the attention probabilities (training). Scores are q·k times `scale`
+  (default 1/√head_dim), soft-capped to softcap·tanh(scores/softcap) when `softcap` is set
+  (Gemma 2). A `FusedMask` runs cuDNN's flash attention (no dropout, no soft-capping; the
+  probabilities are never materialised)."""
+  scale = scale or 1.0 / math.sqrt(q_BxLxHxD.shape[-1])
   if isinstance(mask_Bx1xLxS, FusedMask):
     fused, mask_Bx1xLxS = mask_Bx1xLxS, mask_Bx1xLxS.dense
-    if dropout is None:
+    if dropout is None and not softcap:
       try:
         return jax.nn.dot_product_attention(
-            q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=fused.causal,
+            q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, scale=scale, is_causal=fused.causal,
             query_seq_lengths=fused.lengths, key_value_seq_lengths=fused.lengths,
             implementation="cudnn")
       except NotImplementedError:  # a shape cuDNN's kernel lacks (e.g. an odd length)
         pass
   if dropout is None:
-    return _attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xLxS)
+    return _attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xLxS, scale, softcap)
   b, l, h, d = q_BxLxHxD.shape
   kv = k_BxSxKxD.shape[2]
   q = q_BxLxHxD.reshape(b, l, kv, h // kv, d)
-  scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxD,
-                      preferred_element_type=jnp.float32) / math.sqrt(d)
+  scores = soft_cap(jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxD,
+                              preferred_element_type=jnp.float32) * scale, softcap)
   scores = jnp.where(mask_Bx1xLxS[:, :, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
   if dropout is not None:
@@ -382,39 +392,51 @@ def _ungrouped(x_BxKxGLxD: jax.Array, l: int) -> jax.Array:
   return x_BxKxGLxD.reshape(b, kv, g, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, kv * g, d)
 
 
-def _scores(q_BxKxGLxD, k_BxKxSxD, mask_Bx1xLxS):
+def soft_cap(x: jax.Array, cap: Optional[float]) -> jax.Array:
+  """cap·tanh(x/cap) (Gemma's soft-capping of attention scores and output logits), or x itself
+  without a cap."""
+  return cap * jnp.tanh(x / cap) if cap else x
+
+
+def _raw_scores(q_BxKxGLxD, k_BxKxSxD, scale):
+  return jnp.matmul(q_BxKxGLxD, k_BxKxSxD.transpose(0, 1, 3, 2),
+                    preferred_element_type=jnp.float32) * scale
+
+
+def _scores(q_BxKxGLxD, k_BxKxSxD, mask_Bx1xLxS, scale, softcap):
   """Masked fp32 scores (B, K, G*L, S) of grouped queries, and the mask as (B, 1, G*L, S)."""
-  b, _, gl, d = q_BxKxGLxD.shape
+  b, _, gl, _ = q_BxKxGLxD.shape
   l, s = mask_Bx1xLxS.shape[-2:]
-  scores = jnp.matmul(q_BxKxGLxD, k_BxKxSxD.transpose(0, 1, 3, 2),
-                      preferred_element_type=jnp.float32) / math.sqrt(d)
+  scores = soft_cap(_raw_scores(q_BxKxGLxD, k_BxKxSxD, scale), softcap)
   mask = jnp.broadcast_to(mask_Bx1xLxS[:, :, None], (b, 1, gl // l, l, s)).reshape(b, 1, gl, s)
   return jnp.where(mask, scores, NEG_INF), mask
 
 
-@jax.custom_vjp
-def _attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xLxS):
-  return _attention_fwd(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xLxS)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xLxS, scale, softcap):
+  return _attention_fwd(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xLxS, scale, softcap)[0]
 
 
-def _attention_fwd(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xLxS):
+def _attention_fwd(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_Bx1xLxS, scale, softcap):
   l = q_BxLxHxD.shape[1]
   kv = k_BxSxKxD.shape[2]
   q = _grouped(q_BxLxHxD, kv)  # B, K, G*L, D
   k, v = k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3)  # B, K, S, D
-  scores, mask = _scores(q, k, mask_Bx1xLxS)
+  scores, mask = _scores(q, k, mask_Bx1xLxS, scale, softcap)
   probs = jax.nn.softmax(scores, axis=-1)  # fp32
   out = jnp.matmul(probs.astype(v.dtype), v)
   return _ungrouped(out, l).astype(q_BxLxHxD.dtype), (q, k, v, mask, probs)
 
 
-def _attention_bwd(residuals, dout_BxLxHxD):
+def _attention_bwd(scale, softcap, residuals, dout_BxLxHxD):
   q, k, v, mask, probs = residuals
-  l, d = dout_BxLxHxD.shape[1], q.shape[-1]
+  l = dout_BxLxHxD.shape[1]
   dout = _grouped(dout_BxLxHxD, k.shape[1]).astype(v.dtype)
   dv = jnp.matmul(probs.astype(v.dtype).transpose(0, 1, 3, 2), dout)
   dprobs = jnp.matmul(dout, v.transpose(0, 1, 3, 2), preferred_element_type=jnp.float32)
-  dscores = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True)) / math.sqrt(d)
+  dscores = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True)) * scale
+  if softcap:  # d(cap·tanh(x/cap))/dx = 1 - tanh², the capped scores recomputed, not kept
+    dscores = dscores * (1.0 - jnp.square(jnp.tanh(_raw_scores(q, k, scale) / softcap)))
   dscores = jnp.where(mask, dscores, 0.0).astype(q.dtype)  # masked scores were constants
   dq = _ungrouped(jnp.matmul(dscores, k), l)
   dk = jnp.matmul(dscores.transpose(0, 1, 3, 2), q).transpose(0, 2, 1, 3)

@@ -48,6 +48,22 @@ class LlamaConfig:
   sliding_windows: Optional[tuple] = None  # per layer: a window size or None
   attention_dropout: float = 0.0  # on the attention probabilities, in training only
   family: str = "llama"
+  # Variants of the same decoder that other families (Gemma) build on:
+  activation: str = "silu"  # the MLP gate's activation (a `layers.ACTIVATIONS` name)
+  norm_offset: bool = False  # RMSNorms scale by (1 + w)
+  embed_scale: bool = False  # token embeddings are multiplied by √hidden_size
+  query_scale: Optional[float] = None  # attention scores' scale (None: 1/√head_dim)
+  attn_softcap: Optional[float] = None  # attention scores soft-capped: cap·tanh(s/cap)
+  logit_softcap: Optional[float] = None  # output logits soft-capped: cap·tanh(z/cap)
+  local_rope: Optional[tuple] = None  # (theta, rope_scaling) of the sliding-window layers
+
+  def rope(self, layer: int) -> tuple[float, Optional[dict]]:
+    """Layer `layer`'s RoPE base and scaling (`local_rope` on sliding-window layers)."""
+    if self.local_rope and self.sliding_windows and self.sliding_windows[layer]:
+      theta, scaling = self.local_rope
+    else:
+      theta, scaling = self.rope_theta, self.rope_scaling
+    return theta, dict(scaling) if scaling else None
 
   @classmethod
   def from_hf(cls, hf: dict) -> "LlamaConfig":
@@ -121,10 +137,15 @@ def layer_windows(hf: dict) -> Optional[tuple]:
   return tuple(window if k == "sliding_attention" else None for k in kinds)
 
 
+def rms_norm(cfg: LlamaConfig, dtype: Any, name: str) -> layers.RMSNorm:
+  return layers.RMSNorm(cfg.rms_norm_eps, dtype, unit_offset=cfg.norm_offset, name=name)
+
+
 class Attention(nn.Module):
   cfg: LlamaConfig
   dtype: Any = jnp.float32
   peft: layers.PeftHooks = layers.NO_PEFT
+  index: int = 0  # the layer's index
 
   @nn.compact
   def __call__(self, h_BxLxD, positions_BxL, mask, kv_cache=None, cache_index=None,
@@ -141,12 +162,12 @@ class Attention(nn.Module):
     k = k.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
     q, k = self.qk_norm(q, k)
-    inv_freq = layers.rope_frequencies(cfg.head_dim, cfg.rope_theta,
-                                       dict(cfg.rope_scaling) if cfg.rope_scaling else None)
+    inv_freq = layers.rope_frequencies(cfg.head_dim, *cfg.rope(self.index))
     q = layers.apply_rope(q, positions_BxL, inv_freq)
     k = layers.apply_rope(k, positions_BxL, inv_freq)
     out, kv_cache = layers.attend(self, q.astype(self.dtype), k, v, mask, kv_cache, cache_index,
-                                  prefix_kv, cfg.attention_dropout)
+                                  prefix_kv, cfg.attention_dropout, cfg.query_scale,
+                                  cfg.attn_softcap)
     out = dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(
         out.reshape(b, l, cfg.num_heads * cfg.head_dim))
     return out, kv_cache
@@ -168,25 +189,34 @@ class MLP(nn.Module):
                                                name=name)
     gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(h_BxLxD)
     up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(h_BxLxD)
-    return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+    act = layers.ACTIVATIONS[cfg.activation]
+    return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
   cfg: LlamaConfig
   dtype: Any = jnp.float32
   peft: layers.PeftHooks = layers.NO_PEFT
+  index: int = 0  # the layer's index
 
   attention_cls = Attention  # a family built on this one may swap its attention in
+
+  def attention(self, h_BxLxD, *args):
+    return self.attention_cls(self.cfg, self.dtype, self.peft, self.index, name="self_attn")(
+        h_BxLxD, *args)
+
+  def mlp(self, h_BxLxD):
+    return MLP(self.cfg, self.dtype, self.peft, name="mlp")(h_BxLxD)
 
   @nn.compact
   def __call__(self, h_BxLxD, positions_BxL, mask, kv_cache=None, cache_index=None,
                prefix_kv=None):
-    norm = lambda name: layers.RMSNorm(self.cfg.rms_norm_eps, self.dtype, name=name)
+    norm = lambda name: rms_norm(self.cfg, self.dtype, name)
     spec = self.peft
-    attn, kv_cache = self.attention_cls(self.cfg, self.dtype, spec, name="self_attn")(
-        norm("input_layernorm")(h_BxLxD), positions_BxL, mask, kv_cache, cache_index, prefix_kv)
+    attn, kv_cache = self.attention(norm("input_layernorm")(h_BxLxD), positions_BxL, mask,
+                                    kv_cache, cache_index, prefix_kv)
     h_BxLxD = h_BxLxD + spec.sublayer(self, "attn", attn)
-    ffn = MLP(self.cfg, self.dtype, spec, name="mlp")(norm("post_attention_layernorm")(h_BxLxD))
+    ffn = self.mlp(norm("post_attention_layernorm")(h_BxLxD))
     return h_BxLxD + spec.sublayer(self, "ffn", ffn), kv_cache
 
 
@@ -215,6 +245,8 @@ class Llama(nn.Module):
     embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
     new_rows = common.new_token_rows(self, spec, cfg.hidden_size)
     h = common.embed_new_tokens(embed(tokens_BxL), tokens_BxL, new_rows, spec)
+    if cfg.embed_scale:  # √hidden rounded to the compute dtype, as HF's scaled embedding
+      h = h * jnp.asarray(cfg.hidden_size ** 0.5, self.dtype)
     h, positions_BxL, segment_ids_BxL, soft = common.soft_prompt(
         self, h, positions_BxL, segment_ids_BxL, spec, self.dtype, virtual_tokens)
     masks, prefixes, index, k_seg = common.masks_and_prefixes(
@@ -227,11 +259,11 @@ class Llama(nn.Module):
     for i in range(cfg.num_layers):
       window = cfg.sliding_windows[i] if cfg.sliding_windows else None
       kv = cache["layers"][i] if cache is not None else None
-      h, kv = layer_cls(cfg, self.dtype, spec, name=f"layers_{i}")(
+      h, kv = layer_cls(cfg, self.dtype, spec, i, name=f"layers_{i}")(
           h, positions_BxL, masks[window], kv, index,
           None if prefixes is None else prefixes[i])
       new_layers.append(kv)
-    h = layers.RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h[:, soft:])
+    h = rms_norm(cfg, self.dtype, "norm")(h[:, soft:])
     if self.num_labels:
       return common.score(h, segment_ids_BxL[:, soft:], self.num_labels, self.dtype), None
     if return_hidden:  # the caller applies `output_kernel` itself (a chunked loss)
@@ -243,6 +275,7 @@ class Llama(nn.Module):
                             name="lm_head")(h)
     logits = common.new_token_logits(
         h, logits, common.head_rows(new_rows, cfg.tie_word_embeddings), spec, self.dtype)
+    logits = layers.soft_cap(logits.astype(jnp.float32), cfg.logit_softcap)
     if cache is not None:
       cache = {"index": index + h.shape[1] + soft, "segment_ids": k_seg, "layers": new_layers}
     return logits.astype(jnp.float32), cache
@@ -275,14 +308,16 @@ KINDS = (("norm", r"norm/"), ("embedding", r"^embed_tokens/"), ("attention", r"/
 
 
 def family(name: str, architectures: dict, config_from_hf=LlamaConfig.from_hf, module=None,
-           table: tuple = TABLE) -> Family:
-  """The `Family` of a Llama-style decoder (HF module names `model.layers.{i}...`)."""
-  archs = {**architectures, **{a.replace("CausalLM", "SequenceClassification"): t
-                               for a, t in architectures.items()}}
+           table: tuple = TABLE, classifiers: Optional[dict] = None) -> Family:
+  """The `Family` of a Llama-style decoder (HF module names `model.layers.{i}...`).
+  `classifiers` ({model_type: *ForSequenceClassification}) defaults to the causal-LM
+  architectures' names with `SequenceClassification` for `CausalLM`."""
+  classifiers = classifiers or {t: a.replace("CausalLM", "SequenceClassification")
+                                for a, t in architectures.items()}
+  archs = {**architectures, **{a: t for t, a in classifiers.items()}}
   return Family(name, archs, config_from_hf, module or Llama, table, "model.",
                 embedding="embed_tokens/embedding", layer=r"(?:^|/)layers_(\d+)/", kinds=KINDS,
-                classifiers={t: a.replace("CausalLM", "SequenceClassification")
-                             for a, t in architectures.items()})
+                classifiers=classifiers)
 
 
 FAMILY = family("llama", ARCHITECTURES)

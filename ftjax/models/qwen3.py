@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ftjax.models import layers, llama
+from ftjax.models import llama
 
 ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3"}
 
@@ -22,7 +22,7 @@ def config_from_hf(hf: dict) -> llama.LlamaConfig:
 class Attention(llama.Attention):
 
   def qk_norm(self, q_BxLxHxD, k_BxLxKxD):
-    norm = lambda name: layers.RMSNorm(self.cfg.rms_norm_eps, self.dtype, name=name)
+    norm = lambda name: llama.rms_norm(self.cfg, self.dtype, name)
     return norm("q_norm")(q_BxLxHxD), norm("k_norm")(k_BxLxKxD)
 
 
@@ -34,9 +34,10 @@ class Qwen3(llama.Llama):
   layer_cls = DecoderLayer
 
 
-TABLE = llama.TABLE + (
+QK_NORMS = (
     ("model.layers.{i}.self_attn.q_norm.weight", "layers_{i}/self_attn/q_norm/scale", False),
     ("model.layers.{i}.self_attn.k_norm.weight", "layers_{i}/self_attn/k_norm/scale", False),
 )
+TABLE = llama.TABLE + QK_NORMS
 
 FAMILY = llama.family("qwen3", ARCHITECTURES, config_from_hf, Qwen3, TABLE)
