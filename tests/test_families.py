@@ -18,7 +18,7 @@ CASES = {  # name: (family, classifier)
     "bert": ("bert", False), "bert_classifier": ("bert", True),
     "llama_classifier": ("llama", True), "qwen2_classifier": ("qwen2", True),
     "qwen3_classifier": ("qwen3", True), "gemma2_classifier": ("gemma2", True),
-    "gemma3_classifier": ("gemma3", True),
+    "gemma3_classifier": ("gemma3", True), "phi3_classifier": ("phi3", True),
 }
 
 

@@ -24,6 +24,11 @@ CASES = {
     "head_dim_and_biases": ("llama", {"head_dim": 24, "attention_bias": True, "mlp_bias": True}),
     "gemma2_softcaps_alternating_windows": ("gemma2", {}),
     "gemma3_local_global_rope_scaling": ("gemma3", {}),
+    "phi3_fused_projections_sliding": ("phi3", {}),
+    # LongRoPE with a partial rotation: every test sequence reaches past the pretraining length
+    # (long factors), or none does (short factors); both scale the rotation.
+    "phi3_longrope_long_factors": ("phi3", tiny.longrope(8)),
+    "phi3_longrope_short_factors": ("phi3", tiny.longrope(64)),
 }
 
 
@@ -58,7 +63,7 @@ def test_logits_match_transformers(case, tmp_path):
       model, tokens[1:2, :13], np.ones((1, 13), np.int32), positions[:1, :13])[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3", "phi3"])
 def test_left_padding_with_positions_matches_transformers(family, tmp_path):
   torch_model = tiny.save_model(str(tmp_path), family)
   model = hf.load(str(tmp_path))
@@ -74,7 +79,7 @@ def test_left_padding_with_positions_matches_transformers(family, tmp_path):
   np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
 def test_bf16_compute_within_bf16_tolerance(family, tmp_path):
   torch_model = tiny.save_model(str(tmp_path), family)
   model = hf.load(str(tmp_path), dtype=jnp.bfloat16)
@@ -90,11 +95,13 @@ def test_bf16_compute_within_bf16_tolerance(family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3"])
-def test_greedy_generation_matches_transformers(family, tmp_path):
-  """Greedy decoding with the KV cache; the Gemma models' sliding layers (window 5) see their
-  window move past the prompt while decoding."""
-  torch_model = tiny.save_model(str(tmp_path), family)
+@pytest.mark.parametrize("family,overrides", [
+    ("qwen2", {}), ("gemma2", {}), ("gemma3", {}), ("phi3", tiny.longrope(64))],
+    ids=["qwen2", "gemma2", "gemma3", "phi3_longrope"])
+def test_greedy_generation_matches_transformers(family, overrides, tmp_path):
+  """Greedy decoding with the KV cache; the Gemma and Phi-3 models' sliding layers (windows 5
+  and 6) see their window move past the prompt while decoding."""
+  torch_model = tiny.save_model(str(tmp_path), family, **overrides)
   model = hf.load(str(tmp_path))
   prompts = [[1, 40, 41, 42, 43, 44], [1, 50, 51]]
   ours = generate.greedy(model.module, model.params, prompts, max_new_tokens=8)

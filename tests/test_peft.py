@@ -76,6 +76,9 @@ def _peft_config(kind):
                                  init_lora_weights=False),
       "lora_head": hf_peft.LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj"],
                                       modules_to_save=["lm_head"], init_lora_weights=False),
+      "lora_fused": hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj",
+                                                                         "gate_up_proj"],
+                                       init_lora_weights=False),
       "prefix": hf_peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
       "prefix_projection": hf_peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
                                                       prefix_projection=True,
@@ -100,7 +103,7 @@ def _peft_config(kind):
     ("lora_conv1d", "gpt2"), ("prefix", "gpt2"), ("prompt", "gpt2"), ("lora_rslora", "qwen3"),
     ("ia3", "llama"), ("ia3_all", "qwen2"), ("ia3", "qwen3"), ("ia3_conv1d", "gpt2"),
     ("lora_rslora", "gemma2"), ("dora", "gemma3"), ("prefix", "gemma2"), ("prompt", "gemma3"),
-    ("ia3_all", "gemma2")])
+    ("ia3_all", "gemma2"), ("lora_fused", "phi3"), ("prefix", "phi3")])
 def test_hf_peft_adapter_loads_with_matching_logits(kind, family, tmp_path):
   model_dir, adapter_dir = str(tmp_path / "model"), str(tmp_path / "adapter")
   tiny.save_model(model_dir, family)
@@ -112,7 +115,7 @@ def test_hf_peft_adapter_loads_with_matching_logits(kind, family, tmp_path):
       pm.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
   pm.save_pretrained(adapter_dir)
   pm.eval()
-  method = {"lora_rslora": "lora", "dora": "lora", "lora_head": "lora",
+  method = {"lora_rslora": "lora", "dora": "lora", "lora_head": "lora", "lora_fused": "lora",
             "lora_conv1d": "lora", "ia3_all": "ia3", "ia3_conv1d": "ia3"}.get(kind, kind)
   method = "prefix" if method == "prefix_projection" else method
   cfg = _cfg(model_dir, f"peft.method={method}", f"peft.init_from={adapter_dir}")
@@ -406,7 +409,8 @@ def test_tied_embeddings_trained_with_lora_export_to_peft(tmp_path):
     ("gemma2", ["peft.method=lora", "peft.lora.targets=[all-linear]"]),
     ("gemma3", ["peft.method=lora", "peft.lora.targets=[q_proj, v_proj, gate_proj, down_proj]",
                 "peft.trainable=[q_norm]"]),
-], ids=["qwen3_lora", "gpt2_ia3", "gemma2_lora", "gemma3_lora_qk_norms"])
+    ("phi3", ["peft.method=lora", "peft.lora.targets=[all-linear]"]),
+], ids=["qwen3_lora", "gpt2_ia3", "gemma2_lora", "gemma3_lora_qk_norms", "phi3_fused_lora"])
 def test_round_trip_through_hf_peft(family, words, tmp_path):
   """Train, export to PEFT (PEFT's loss = the run's), load the export back (same logits); the
   merged `--to hf` export loads in transformers with the run's loss too."""

@@ -20,6 +20,18 @@ _LLAMA = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_
               pad_token_id=0)
 _GEMMA = {**_LLAMA, "head_dim": 24, "query_pre_attn_scalar": 16, "sliding_window": 5,
           "initializer_range": 0.1, "tie_word_embeddings": True}
+
+
+def longrope(original: int, partial: float = 0.5, head_dim: int = 16) -> dict:
+  """Phi-3 LongRoPE settings (128k-style) for a tiny model: distinct short and long factors per
+  rotated frequency, a partial rotation, and `original` as the pretraining length."""
+  n = int(head_dim * partial) // 2
+  return {"rope_scaling": {"rope_type": "longrope",
+                           "short_factor": [1.0 + 0.1 * i for i in range(n)],
+                           "long_factor": [2.0 + 3.0 * i for i in range(n)]},
+          "partial_rotary_factor": partial, "original_max_position_embeddings": original}
+
+
 # family: (config class, causal-LM (or base) class, classifier class, config kwargs)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", "LlamaForSequenceClassification", _LLAMA),
@@ -39,6 +51,8 @@ FAMILIES = {
                {**_GEMMA, "num_hidden_layers": 6, "rope_theta": 1000000.0,
                 "rope_scaling": {"rope_type": "linear", "factor": 8.0},
                 "final_logit_softcapping": 3.0}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", "Phi3ForSequenceClassification",
+             {**_LLAMA, "sliding_window": 6, "initializer_range": 0.1}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", "GPT2ForSequenceClassification",
              dict(vocab_size=320, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)),

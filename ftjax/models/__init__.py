@@ -13,11 +13,11 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
-from ftjax.models import bert, gemma2, gemma3, gpt2, llama, qwen3
+from ftjax.models import bert, gemma2, gemma3, gpt2, llama, phi3, qwen3
 from ftjax.models.family import Family
 
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, qwen3.FAMILY, gemma2.FAMILY, gemma3.FAMILY,
-                                gpt2.FAMILY, bert.FAMILY)
+                                phi3.FAMILY, gpt2.FAMILY, bert.FAMILY)
 
 
 @functools.cache

@@ -40,18 +40,13 @@ def gemma_config(hf: dict) -> llama.LlamaConfig:
   act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
   if act not in ("gelu_pytorch_tanh", "gelu_new", "gelu"):
     raise UserError(f"hidden_activation '{act}' is not supported for Gemma "
-                    "(supported: gelu_pytorch_tanh)")
+                    "(supported: gelu_pytorch_tanh, gelu_new, gelu)")
   if hf.get("use_bidirectional_attention"):
     raise UserError("use_bidirectional_attention is not supported (causal decoders only)")
-  rope = dict(hf.get("rope_parameters") or {})
-  rope = rope.get("full_attention", rope)  # Gemma 3 keys its RoPE by layer type
-  scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
-                                       else None)
-  kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-  if kind not in llama.SUPPORTED_ROPE:
-    raise UserError(f"rope type '{kind}' is not supported "
-                    f"(supported: {', '.join(llama.SUPPORTED_ROPE)})")
   heads = hf["num_attention_heads"]
+  head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+  rope = dict(hf.get("rope_parameters") or {})
+  theta, scaling, rotary_dim = llama.rope_settings(hf, rope.get("full_attention", rope), head_dim)
   n, window = hf["num_hidden_layers"], hf.get("sliding_window")
   kinds = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
                                     for i in range(n)]
@@ -62,10 +57,11 @@ def gemma_config(hf: dict) -> llama.LlamaConfig:
       num_layers=n,
       num_heads=heads,
       num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      head_dim=head_dim,
       rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-      rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-      rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+      rope_theta=theta,
+      rope_scaling=scaling,
+      rotary_dim=rotary_dim,
       tie_word_embeddings=hf.get("tie_word_embeddings", True),
       qkv_bias=hf.get("attention_bias", False),
       o_bias=hf.get("attention_bias", False),

@@ -226,17 +226,23 @@ ACTIVATIONS = {
 }
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> jax.Array:
-  """Inverse frequencies (head_dim/2,) for rotary embeddings, with HF's `rope_scaling` types.
+def rope_frequencies(dim: int, theta: float, scaling: Optional[dict],
+                     positions_BxL: Optional[jax.Array] = None) -> tuple[jax.Array, float]:
+  """Inverse frequencies (dim/2,) for rotary embeddings of `dim` rotated dims, with HF's
+  `rope_scaling` types, and the factor that scales the rotated vectors (1 but for LongRoPE).
 
-  Supports the default rotation, `linear` scaling and Llama 3.1's `llama3` frequency bands.
+  Supports the default rotation, `linear` scaling, Llama 3.1's `llama3` frequency bands and
+  Phi-3's `longrope`: per-frequency short or long factors, the long ones when the call's largest
+  position reaches past `original_max_position_embeddings` (as transformers picks per forward
+  pass), and the rotation scaled by √(1 + ln(factor) / ln(original length)).
   """
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+  inv_freq = 1.0 / (theta ** exponent)
   kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
   if kind == "default":
-    return inv_freq
+    return inv_freq, 1.0
   if kind == "linear":
-    return inv_freq / scaling["factor"]
+    return inv_freq / scaling["factor"], 1.0
   if kind == "llama3":
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -246,19 +252,32 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> ja
     smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     out = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return jnp.where(medium, smoothed, out)
-  raise ValueError(f"unsupported rope_scaling type '{kind}' (supported: default, linear, llama3)")
+    return jnp.where(medium, smoothed, out), 1.0
+  if kind == "longrope":
+    old_len, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    mscale = scaling.get("attention_factor") or (
+        1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len)))
+    short, long = (1.0 / (jnp.asarray(scaling[k], jnp.float32) * theta ** exponent)
+                   for k in ("short_factor", "long_factor"))
+    past = positions_BxL is not None and jnp.max(positions_BxL) + 1 > old_len
+    return jnp.where(past, long, short), mscale
+  raise ValueError(f"unsupported rope_scaling type '{kind}' "
+                   "(supported: default, linear, llama3, longrope)")
 
 
-def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotates query/key vectors by their positions (HF's rotate-half convention), in fp32."""
-  angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # B, L, D/2
+def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Array,
+               mscale: float = 1.0) -> jax.Array:
+  """Rotates query/key vectors by their positions (HF's rotate-half convention), in fp32: the
+  leading 2·len(inv_freq) dims of each head (all of them unless the rotation is partial), the
+  rotation scaled by `mscale`."""
+  angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq  # B, L, R/2
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  cos, sin = jnp.cos(angles) * mscale, jnp.sin(angles) * mscale
   x = x_BxLxHxD.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return (x * cos + rotated * sin).astype(x_BxLxHxD.dtype)
+  r = angles.shape[-1]
+  x, rest = x[..., :r], x[..., r:]
+  rotated = jnp.concatenate([-x[..., r // 2:], x[..., :r // 2]], axis=-1)
+  return jnp.concatenate([x * cos + rotated * sin, rest], axis=-1).astype(x_BxLxHxD.dtype)
 
 
 def attention_mask(q_index: jax.Array, k_index: jax.Array, q_seg_BxL: jax.Array,

@@ -56,6 +56,8 @@ class LlamaConfig:
   attn_softcap: Optional[float] = None  # attention scores soft-capped: cap·tanh(s/cap)
   logit_softcap: Optional[float] = None  # output logits soft-capped: cap·tanh(z/cap)
   local_rope: Optional[tuple] = None  # (theta, rope_scaling) of the sliding-window layers
+  rotary_dim: Optional[int] = None  # the leading dims of each head that RoPE rotates (all)
+  residual_dropout: float = 0.0  # on each sublayer's output, in training only (Phi-3)
 
   def rope(self, layer: int) -> tuple[float, Optional[dict]]:
     """Layer `layer`'s RoPE base and scaling (`local_rope` on sliding-window layers)."""
@@ -69,13 +71,13 @@ class LlamaConfig:
   def from_hf(cls, hf: dict) -> "LlamaConfig":
     """Builds the config from a parsed HF `config.json` (transformers 4.x or 5.x layout)."""
     family = hf.get("model_type", "llama")
-    _check_supported(hf)
-    rope = dict(hf.get("rope_parameters") or {})
-    theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
-                                         else None)
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+      raise UserError(f"hidden_act '{act}' is not supported (supported: silu)")
     heads = hf["num_attention_heads"]
     attention_bias = hf.get("attention_bias", False)
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    theta, scaling, rotary_dim = rope_settings(hf, hf.get("rope_parameters") or {}, head_dim)
     return cls(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -83,10 +85,11 @@ class LlamaConfig:
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        head_dim=head_dim,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
-        rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rotary_dim=rotary_dim,
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         qkv_bias=family == "qwen2" or attention_bias,
         o_bias=family != "qwen2" and attention_bias,
@@ -97,20 +100,35 @@ class LlamaConfig:
     )
 
 
-SUPPORTED_ROPE = ("default", "linear", "llama3")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "longrope")
 
 
-def _check_supported(hf: dict) -> None:
-  """Config features this implementation does not have are errors, not silent differences."""
-  act = hf.get("hidden_act", "silu")
-  if act != "silu":
-    raise UserError(f"hidden_act '{act}' is not supported (supported: silu)")
-  if hf.get("partial_rotary_factor", 1.0) != 1.0:
-    raise UserError("partial_rotary_factor != 1 is not supported")
-  scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-  kind = scaling.get("rope_type", scaling.get("type", "default"))
+def rope_settings(hf: dict, rope: dict, head_dim: int) -> tuple[float, Optional[tuple], int]:
+  """(base, scaling as sorted (key, value) pairs or None, rotated dims) of config.json's RoPE:
+  `rope` is the RoPE dict that transformers 5 writes (`rope_parameters`, or one layer type's
+  entry of it); 4.x's top-level `rope_theta` / `rope_scaling` / `partial_rotary_factor` win.
+  Unsupported kinds are errors, not silent differences. LongRoPE (Phi-3's `su` / `longrope`)
+  keeps its factor lists and gets `factor` and `original_max_position_embeddings` filled in as
+  transformers does."""
+  rope = dict(rope)
+  theta = float(hf.get("rope_theta", rope.pop("rope_theta", 10000.0)))
+  partial = hf.get("partial_rotary_factor", rope.pop("partial_rotary_factor", 1.0))
+  scaling = dict(hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default"
+                                            else {}))
+  kind = scaling.pop("type", None) or scaling.get("rope_type", "default")
+  kind = "longrope" if kind in ("su", "longrope") else kind
   if kind not in SUPPORTED_ROPE:
     raise UserError(f"rope type '{kind}' is not supported (supported: {', '.join(SUPPORTED_ROPE)})")
+  if kind == "longrope":
+    original = scaling.get("original_max_position_embeddings") or hf[
+        "original_max_position_embeddings"]
+    scaling.update(original_max_position_embeddings=original,
+                   factor=scaling.get("factor") or hf["max_position_embeddings"] / original,
+                   short_factor=tuple(scaling["short_factor"]),
+                   long_factor=tuple(scaling["long_factor"]))
+  scaling = {k: v for k, v in scaling.items() if k != "partial_rotary_factor"}
+  scaling = tuple(sorted({**scaling, "rope_type": kind}.items())) if kind != "default" else None
+  return theta, scaling, int(head_dim * partial)
 
 
 def _sliding_windows(hf: dict, family: str) -> Optional[tuple]:
@@ -147,28 +165,37 @@ class Attention(nn.Module):
   peft: layers.PeftHooks = layers.NO_PEFT
   index: int = 0  # the layer's index
 
+  def dense(self, features: int, axes: tuple, bias: bool, name: str) -> layers.Dense:
+    return layers.Dense(features, axes, bias, self.dtype, peft=self.peft, name=name)
+
+  def qkv(self, h_BxLxD):
+    """The flat query, key and value projections (Phi-3 fuses them into one)."""
+    cfg = self.cfg
+    kv_width = cfg.num_kv_heads * cfg.head_dim
+    q = self.dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias,
+                   "q_proj")(h_BxLxD)
+    k = self.dense(kv_width, ("embed", "kv_heads"), cfg.qkv_bias, "k_proj")(h_BxLxD)
+    v = self.dense(kv_width, ("embed", "kv_heads"), cfg.qkv_bias, "v_proj")(h_BxLxD)
+    return q, k, v
+
   @nn.compact
   def __call__(self, h_BxLxD, positions_BxL, mask, kv_cache=None, cache_index=None,
                prefix_kv=None):
     cfg = self.cfg
-    dense = lambda n, axes, bias, name: layers.Dense(n, axes, bias, self.dtype, peft=self.peft,
-                                                     name=name)
     b, l, _ = h_BxLxD.shape
-    kv_width = cfg.num_kv_heads * cfg.head_dim
-    q = dense(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, "q_proj")(h_BxLxD)
-    k = dense(kv_width, ("embed", "kv_heads"), cfg.qkv_bias, "k_proj")(h_BxLxD)
-    v = dense(kv_width, ("embed", "kv_heads"), cfg.qkv_bias, "v_proj")(h_BxLxD)
+    q, k, v = self.qkv(h_BxLxD)
     q = q.reshape(b, l, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
     q, k = self.qk_norm(q, k)
-    inv_freq = layers.rope_frequencies(cfg.head_dim, *cfg.rope(self.index))
-    q = layers.apply_rope(q, positions_BxL, inv_freq)
-    k = layers.apply_rope(k, positions_BxL, inv_freq)
+    inv_freq, mscale = layers.rope_frequencies(cfg.rotary_dim or cfg.head_dim,
+                                               *cfg.rope(self.index), positions_BxL)
+    q = layers.apply_rope(q, positions_BxL, inv_freq, mscale)
+    k = layers.apply_rope(k, positions_BxL, inv_freq, mscale)
     out, kv_cache = layers.attend(self, q.astype(self.dtype), k, v, mask, kv_cache, cache_index,
                                   prefix_kv, cfg.attention_dropout, cfg.query_scale,
                                   cfg.attn_softcap)
-    out = dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(
+    out = self.dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, "o_proj")(
         out.reshape(b, l, cfg.num_heads * cfg.head_dim))
     return out, kv_cache
 
@@ -182,15 +209,20 @@ class MLP(nn.Module):
   dtype: Any = jnp.float32
   peft: layers.PeftHooks = layers.NO_PEFT
 
+  def dense(self, features: int, axes: tuple, name: str) -> layers.Dense:
+    return layers.Dense(features, axes, self.cfg.mlp_bias, self.dtype, peft=self.peft, name=name)
+
+  def gate_up(self, h_BxLxD):
+    """The gate and up projections (Phi-3 fuses them into one)."""
+    n = self.cfg.intermediate_size
+    return (self.dense(n, ("embed", "mlp"), "gate_proj")(h_BxLxD),
+            self.dense(n, ("embed", "mlp"), "up_proj")(h_BxLxD))
+
   @nn.compact
   def __call__(self, h_BxLxD):
-    cfg = self.cfg
-    dense = lambda n, axes, name: layers.Dense(n, axes, cfg.mlp_bias, self.dtype, peft=self.peft,
-                                               name=name)
-    gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(h_BxLxD)
-    up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(h_BxLxD)
-    act = layers.ACTIVATIONS[cfg.activation]
-    return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(act(gate) * up)
+    gate, up = self.gate_up(h_BxLxD)
+    act = layers.ACTIVATIONS[self.cfg.activation]
+    return self.dense(self.cfg.hidden_size, ("mlp", "embed"), "down_proj")(act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -200,13 +232,14 @@ class DecoderLayer(nn.Module):
   index: int = 0  # the layer's index
 
   attention_cls = Attention  # a family built on this one may swap its attention in
+  mlp_cls = MLP  # ... and its MLP
 
   def attention(self, h_BxLxD, *args):
     return self.attention_cls(self.cfg, self.dtype, self.peft, self.index, name="self_attn")(
         h_BxLxD, *args)
 
   def mlp(self, h_BxLxD):
-    return MLP(self.cfg, self.dtype, self.peft, name="mlp")(h_BxLxD)
+    return self.mlp_cls(self.cfg, self.dtype, self.peft, name="mlp")(h_BxLxD)
 
   @nn.compact
   def __call__(self, h_BxLxD, positions_BxL, mask, kv_cache=None, cache_index=None,
@@ -215,9 +248,10 @@ class DecoderLayer(nn.Module):
     spec = self.peft
     attn, kv_cache = self.attention(norm("input_layernorm")(h_BxLxD), positions_BxL, mask,
                                     kv_cache, cache_index, prefix_kv)
-    h_BxLxD = h_BxLxD + spec.sublayer(self, "attn", attn)
+    drop = lambda x: layers.dropout(self, self.cfg.residual_dropout, x)
+    h_BxLxD = h_BxLxD + drop(spec.sublayer(self, "attn", attn))
     ffn = self.mlp(norm("post_attention_layernorm")(h_BxLxD))
-    return h_BxLxD + spec.sublayer(self, "ffn", ffn), kv_cache
+    return h_BxLxD + drop(spec.sublayer(self, "ffn", ffn)), kv_cache
 
 
 class Llama(nn.Module):
@@ -290,19 +324,25 @@ class Llama(nn.Module):
 
 
 # (HF name, ftjax path, transpose)
-TABLE = (
-    ("model.embed_tokens.weight", "embed_tokens/embedding", False),
-    *[(f"model.layers.{{i}}.{m}.{w}", f"layers_{{i}}/{m.replace('.', '/')}/{p}", t)
-      for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-      for w, p, t in [("weight", "kernel", True), ("bias", "bias", False)]],
-    ("model.layers.{i}.input_layernorm.weight", "layers_{i}/input_layernorm/scale", False),
-    ("model.layers.{i}.post_attention_layernorm.weight",
-     "layers_{i}/post_attention_layernorm/scale", False),
-    ("model.norm.weight", "norm/scale", False),
-    ("lm_head.weight", "lm_head/kernel", True),
-    ("score.weight", "score/kernel", True),
-)
+def decoder_table(projections: tuple[str, ...]) -> tuple:
+  """The HF table of a Llama-style decoder whose layers hold these dense `projections`
+  ('self_attn.q_proj', ...; weights and biases)."""
+  return (
+      ("model.embed_tokens.weight", "embed_tokens/embedding", False),
+      *[(f"model.layers.{{i}}.{m}.{w}", f"layers_{{i}}/{m.replace('.', '/')}/{p}", t)
+        for m in projections
+        for w, p, t in [("weight", "kernel", True), ("bias", "bias", False)]],
+      ("model.layers.{i}.input_layernorm.weight", "layers_{i}/input_layernorm/scale", False),
+      ("model.layers.{i}.post_attention_layernorm.weight",
+       "layers_{i}/post_attention_layernorm/scale", False),
+      ("model.norm.weight", "norm/scale", False),
+      ("lm_head.weight", "lm_head/kernel", True),
+      ("score.weight", "score/kernel", True),
+  )
+
+
+TABLE = decoder_table(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                       "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
 KINDS = (("norm", r"norm/"), ("embedding", r"^embed_tokens/"), ("attention", r"/self_attn/"),
          ("mlp", r"/mlp/"), ("head", r"^(lm_head|score)/"))
 
