@@ -102,8 +102,10 @@ def _peft_config(kind):
     ("prefix_projection", "llama"), ("prefix", "mistral"), ("prompt", "llama"),
     ("lora_conv1d", "gpt2"), ("prefix", "gpt2"), ("prompt", "gpt2"), ("lora_rslora", "qwen3"),
     ("ia3", "llama"), ("ia3_all", "qwen2"), ("ia3", "qwen3"), ("ia3_conv1d", "gpt2"),
-    ("lora_rslora", "gemma2"), ("dora", "gemma3"), ("prefix", "gemma2"), ("prompt", "gemma3"),
-    ("ia3_all", "gemma2"), ("lora_fused", "phi3"), ("prefix", "phi3")])
+    *[pytest.param(kind, family, marks=pytest.mark.slow) for kind, family in [
+        ("lora_rslora", "gemma2"), ("prefix", "gemma2"), ("ia3_all", "gemma2"),
+        ("lora_rslora", "gemma3"), ("dora", "gemma3"), ("prompt", "gemma3"),
+        ("lora_fused", "phi3"), ("prefix", "phi3")]]])
 def test_hf_peft_adapter_loads_with_matching_logits(kind, family, tmp_path):
   model_dir, adapter_dir = str(tmp_path / "model"), str(tmp_path / "adapter")
   tiny.save_model(model_dir, family)
