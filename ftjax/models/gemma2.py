@@ -43,31 +43,17 @@ def gemma_config(hf: dict) -> llama.LlamaConfig:
                     "(supported: gelu_pytorch_tanh, gelu_new, gelu)")
   if hf.get("use_bidirectional_attention"):
     raise UserError("use_bidirectional_attention is not supported (causal decoders only)")
-  heads = hf["num_attention_heads"]
-  head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
   rope = dict(hf.get("rope_parameters") or {})
-  theta, scaling, rotary_dim = llama.rope_settings(hf, rope.get("full_attention", rope), head_dim)
   n, window = hf["num_hidden_layers"], hf.get("sliding_window")
   kinds = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
                                     for i in range(n)]
   return llama.LlamaConfig(
-      vocab_size=hf["vocab_size"],
-      hidden_size=hf["hidden_size"],
-      intermediate_size=hf["intermediate_size"],
-      num_layers=n,
-      num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=head_dim,
-      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-      rope_theta=theta,
-      rope_scaling=scaling,
-      rotary_dim=rotary_dim,
+      **llama.common_fields(hf, rope.get("full_attention", rope)),  # Gemma 3: the global RoPE
       tie_word_embeddings=hf.get("tie_word_embeddings", True),
       qkv_bias=hf.get("attention_bias", False),
       o_bias=hf.get("attention_bias", False),
       sliding_windows=tuple(window if k == "sliding_attention" and window else None
                             for k in kinds),
-      attention_dropout=float(hf.get("attention_dropout") or 0.0),
       family=hf.get("model_type", "gemma2"),
       activation="gelu_pytorch_tanh" if act == "gelu_new" else act,
       norm_offset=True,

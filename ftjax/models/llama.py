@@ -74,30 +74,30 @@ class LlamaConfig:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
       raise UserError(f"hidden_act '{act}' is not supported (supported: silu)")
-    heads = hf["num_attention_heads"]
     attention_bias = hf.get("attention_bias", False)
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    theta, scaling, rotary_dim = rope_settings(hf, hf.get("rope_parameters") or {}, head_dim)
     return cls(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        rotary_dim=rotary_dim,
+        **common_fields(hf, hf.get("rope_parameters") or {}),
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         qkv_bias=family == "qwen2" or attention_bias,
         o_bias=family != "qwen2" and attention_bias,
         mlp_bias=hf.get("mlp_bias", False),
         sliding_windows=_sliding_windows(hf, family),
-        attention_dropout=float(hf.get("attention_dropout") or 0.0),
         family=family,
     )
+
+
+def common_fields(hf: dict, rope: dict) -> dict:
+  """The `LlamaConfig` fields every Llama-style config.json states alike: sizes, norm epsilon,
+  attention dropout and RoPE (`rope`: see `rope_settings`)."""
+  heads = hf["num_attention_heads"]
+  head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+  theta, scaling, rotary_dim = rope_settings(hf, rope, head_dim)
+  return dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+              intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+              num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+              head_dim=head_dim, rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
+              rope_scaling=scaling, rotary_dim=rotary_dim,
+              attention_dropout=float(hf.get("attention_dropout") or 0.0))
 
 
 SUPPORTED_ROPE = ("default", "linear", "llama3", "longrope")
