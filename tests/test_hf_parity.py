@@ -145,3 +145,30 @@ def test_shape_mismatch_and_pickles_are_refused(tmp_path):
   (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
   with pytest.raises(UserError, match="found pickled weights"):
     hf.load(str(tmp_path))
+
+
+def test_a_transformers_4_phi3_longrope_config_reads_as_transformers_5_does():
+  """Phi-3-128k's config.json as transformers 4 wrote it (top-level `rope_scaling` of type `su`,
+  `rope_theta`, `original_max_position_embeddings`): ftjax's frequencies and rotation scale
+  equal transformers' LongRoPE initialisation, short and long. (transformers 5.24 itself wants
+  the original length inside `rope_scaling`, so its config gets it there.)"""
+  import transformers  # pylint: disable=import-outside-toplevel
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # pylint: disable=import-outside-toplevel
+
+  from ftjax.models import layers, phi3  # pylint: disable=import-outside-toplevel
+
+  n = 8
+  old = {**tiny.FAMILIES["phi3"][3], "model_type": "phi3", "rope_theta": 5000.0,
+         "max_position_embeddings": 512, "original_max_position_embeddings": 32,
+         "rope_scaling": {"type": "su", "short_factor": [1.0 + 0.2 * i for i in range(n)],
+                          "long_factor": [3.0 + i for i in range(n)]}}
+  cfg = phi3.config_from_hf(old)
+  hf_config = transformers.Phi3Config(**{
+      **{k: v for k, v in old.items() if k != "model_type"},
+      "rope_scaling": {**old["rope_scaling"], "original_max_position_embeddings": 32}})
+  for length in (16, 64):  # within, and past, the original length
+    want, want_scale = ROPE_INIT_FUNCTIONS["longrope"](hf_config, seq_len=length)
+    got, scale = layers.rope_frequencies(cfg.rotary_dim, *cfg.rope(0),
+                                         jnp.arange(length)[None])
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-6)
+    assert scale == pytest.approx(want_scale, rel=1e-6) and scale > 1.1
