@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -584,7 +585,8 @@ LM_FORMATS = ("text", "prompt_completion", "chat")
 def packing(cfg: Config) -> bool:
   """`data.packing` resolved (see DataConfig): auto packs unless the format or method would
   change under packing, or `model.attention` resolves to cuDNN's kernel for unpacked rows (which
-  reads the JAX backend: call it after `jax.distributed` has started)."""
+  reads the JAX backend: call it after `jax.distributed` has started). A model that soft-caps
+  attention scores (Gemma 2) never runs cuDNN's kernel, so it packs."""
   d = cfg.data
   if d.packing != "auto":
     return d.packing
@@ -593,7 +595,18 @@ def packing(cfg: Config) -> bool:
   # pylint: disable-next=import-outside-toplevel  (the config itself needs no JAX)
   from ftjax.models import common
   dtype = common.compute_dtype(cfg.precision.compute)
-  return common.attention_impl(cfg.model.attention, dtype, packing=False) != "cudnn"
+  return common.attention_impl(cfg.model.attention, dtype, packing=False,
+                               softcap=_attention_softcap(cfg.model.path)) != "cudnn"
+
+
+def _attention_softcap(model_dir: str) -> Optional[float]:
+  """`attn_logit_softcapping` of the model's config.json, or None (also where the file is
+  missing or unreadable: loading the model reports that, naming the file)."""
+  try:
+    with open(os.path.join(model_dir, "config.json")) as f:
+      return json.load(f).get("attn_logit_softcapping")
+  except (OSError, ValueError, AttributeError):
+    return None
 
 
 def resolve_adapters(p: PeftConfig) -> None:

@@ -299,6 +299,17 @@ def test_packing_auto_packs_the_language_model_formats_where_exact():
     assert config.packing(_cfg(*words)) is False, words
   assert config.packing(_cfg("data.packing=false")) is False
   assert config.packing(_cfg("data.format=classification", "data.packing=auto")) is False
+
+
+def test_packing_auto_packs_a_soft_capped_model_even_where_cudnn_is_asked_for(tmp_path):
+  """Soft-capped attention (Gemma 2) never runs cuDNN's kernel, so it gains nothing from unpacked
+  rows: auto packs it; a model without a cap, under `model.attention: cudnn`, stays unpacked."""
+  for cap, packs in ((50.0, True), (None, False)):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2",
+                                                      "attn_logit_softcapping": cap}))
+    cfg = config.load(None, [f"model.path={tmp_path}", "data.train=unused",
+                             "model.attention=cudnn"])
+    assert config.packing(cfg) is packs, cap
   with pytest.raises(config.UserError, match="data.packing: 'sometimes' is not one of auto"):
     _cfg("data.packing=sometimes")
 
