@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import assembly, data, loss, peft, sharding, tree
-from ftjax.models.layers import soft_cap
 from ftjax.config import Config, PreferenceConfig, UserError
+from ftjax.models.layers import soft_cap
 
 logger = logging.getLogger(__name__)
 

@@ -318,6 +318,12 @@ def dropout(module: nn.Module, rate: float, x: jax.Array) -> jax.Array:
   return x
 
 
+def soft_cap(x: jax.Array, cap: Optional[float]) -> jax.Array:
+  """cap·tanh(x/cap) (Gemma's soft-capping of attention scores and output logits), or x itself
+  without a cap."""
+  return cap * jnp.tanh(x / cap) if cap else x
+
+
 def attend(module: nn.Module, q_BxLxHxD: jax.Array, k_BxLxKxD: jax.Array, v_BxLxKxD: jax.Array,
            mask, kv_cache=None, cache_index=None, prefix_kv=None, dropout_rate: float = 0.0,
            scale: Optional[float] = None, softcap: Optional[float] = None):
@@ -409,12 +415,6 @@ def _ungrouped(x_BxKxGLxD: jax.Array, l: int) -> jax.Array:
   b, kv, gl, d = x_BxKxGLxD.shape
   g = gl // l
   return x_BxKxGLxD.reshape(b, kv, g, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, kv * g, d)
-
-
-def soft_cap(x: jax.Array, cap: Optional[float]) -> jax.Array:
-  """cap·tanh(x/cap) (Gemma's soft-capping of attention scores and output logits), or x itself
-  without a cap."""
-  return cap * jnp.tanh(x / cap) if cap else x
 
 
 def _raw_scores(q_BxKxGLxD, k_BxKxSxD, scale):

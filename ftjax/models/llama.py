@@ -312,7 +312,7 @@ class Llama(nn.Module):
     logits = layers.soft_cap(logits.astype(jnp.float32), cfg.logit_softcap)
     if cache is not None:
       cache = {"index": index + h.shape[1] + soft, "segment_ids": k_seg, "layers": new_layers}
-    return logits.astype(jnp.float32), cache
+    return logits, cache
 
   @property
   def output_head(self) -> tuple[str, bool]:
